@@ -1,0 +1,26 @@
+"""Python client of a dfserve server: `from clients import Client, AsyncClient`."""
+
+from clients.client import (
+    AsyncClient,
+    AsyncRollout,
+    AsyncSession,
+    BadRequest,
+    Client,
+    Conflict,
+    DfserveError,
+    Forbidden,
+    NotFound,
+    QueueFull,
+    Rollout,
+    RolloutFailed,
+    ServerError,
+    Session,
+    SessionEnded,
+    Unauthorized,
+)
+
+__all__ = [
+    "AsyncClient", "AsyncRollout", "AsyncSession", "BadRequest", "Client", "Conflict",
+    "DfserveError", "Forbidden", "NotFound", "QueueFull", "Rollout", "RolloutFailed",
+    "ServerError", "Session", "SessionEnded", "Unauthorized",
+]  # fmt: skip

@@ -1,0 +1,214 @@
+"""Model bundles (DESIGN §5): a folder with config.json, model.safetensors, README.md, examples/.
+
+Only safetensors are read: a folder holding a pickle checkpoint (.pt/.pth/.bin/.ckpt) and no
+safetensors file is refused with a clear error, because unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.config import SAMPLERS, SCHEDULES, BundleConfig
+from model.diffusion import NoiseSchedule
+from model.network import CausalVideoDiT
+
+PACKAGED_BUNDLES = Path(__file__).parent / "bundles"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class Example:
+    """A bundled starting point: context frames (uint8 (K, R, R, 3)) and suggested actions."""
+
+    name: str
+    context: np.ndarray
+    context_actions: tuple[int, ...]
+    actions: tuple[int, ...]
+
+
+@dataclass
+class Bundle:
+    config: BundleConfig
+    network: CausalVideoDiT
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule(self.config.diffusion)
+
+    def action_index(self, action: str | int) -> int:
+        return action_index(self.config, action)
+
+    def examples(self) -> dict[str, Example]:
+        return load_examples(self.config, self.path)
+
+    def describe(self) -> dict[str, Any]:
+        return describe(self.config, self.path)
+
+
+def action_index(config: BundleConfig, action: str | int) -> int:
+    """Action name or index -> index; ValueError naming the accepted names."""
+    names, n = config.data.action_names, config.network.n_actions
+    if isinstance(action, bool) or not isinstance(action, (int, str)):
+        raise ValueError(f"actions: {action!r} is not an action name or index")
+    if isinstance(action, int):
+        if 0 <= action < n:
+            return action
+        raise ValueError(f"actions: {action} outside [0, {n - 1}]")
+    if action in names:
+        return names.index(action)
+    raise ValueError(f"actions: {action!r} is not one of {list(names)}")
+
+
+def load_examples(config: BundleConfig, path: Path | None) -> dict[str, Example]:
+    if path is None or not (path / "examples").is_dir():
+        return {}
+    folders = sorted(d for d in (path / "examples").iterdir() if d.is_dir())
+    return {d.name: load_example(config, d) for d in folders}
+
+
+def describe(config: BundleConfig, path: Path | None) -> dict[str, Any]:
+    """The document of GET /v1/models/{id} and `dfserve models --json` (no weights needed)."""
+    c = config
+    return {
+        "id": c.name,
+        "resolution": c.network.resolution,
+        "channels": c.network.channels,
+        "fps": c.data.fps,
+        "n_frames": c.data.n_frames,
+        "context_length": c.data.context_length,
+        "max_context_frames": c.data.n_frames - c.sampling.chunk_size,
+        "max_rollout_frames": c.max_rollout_frames,
+        "actions": list(c.data.action_names),
+        "schedules": list(SCHEDULES),
+        "samplers": list(SAMPLERS),
+        "defaults": asdict(c.sampling),
+        "examples": sorted(load_examples(c, path)),
+    }
+
+
+def load_config(path: str | Path) -> BundleConfig:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model bundle {path}: config.json not found")
+    try:
+        return BundleConfig.from_dict(json.loads((path / "config.json").read_text()))
+    except (ValueError, TypeError, AttributeError, KeyError) as e:  # JSONDecodeError too
+        why = str(e).removeprefix("config.json: ")
+        raise ValueError(f"model bundle {path}: config.json is malformed: {why}") from e
+
+
+def build_network(config: BundleConfig) -> CausalVideoDiT:
+    return CausalVideoDiT(config.network, config.diffusion.timesteps)
+
+
+def load_bundle(path: str | Path, dtype: torch.dtype = torch.float32) -> Bundle:
+    path = Path(path)
+    config = load_config(path)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        why = f"only safetensors are loaded, pickle files {pickles} are refused" if pickles else ""
+        raise ValueError(f"model bundle {path}: model.safetensors not found {why}".strip())
+    network = build_network(config)
+    try:
+        state = load_file(str(weights))
+        network.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    except (RuntimeError, OSError, SafetensorError) as e:  # bad header, shape mismatch
+        raise ValueError(f"model bundle {path}: weights do not load: {e}") from e
+    return Bundle(config=config, network=network.eval(), path=path)
+
+
+def save_bundle(
+    bundle_dir: str | Path,
+    config: BundleConfig,
+    network: CausalVideoDiT,
+    card: str = "",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    bundle_dir = Path(bundle_dir)
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    (bundle_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in network.state_dict().items()}
+    save_file(state, str(bundle_dir / "model.safetensors"))
+    (bundle_dir / "README.md").write_text(card or f"# {config.name}\n\nNo model card yet.\n")
+    return bundle_dir
+
+
+def save_example(
+    bundle_dir: str | Path,
+    name: str,
+    context: np.ndarray,
+    context_actions: list[str],
+    actions: list[str],
+) -> None:
+    """context: uint8 (K, R, R, 3). Actions are stored by name, readable and reorder-proof."""
+    out = Path(bundle_dir) / "examples" / name
+    out.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(context):
+        Image.fromarray(frame).save(out / f"{i:03d}.png")
+    doc = {"context_actions": context_actions, "actions": actions}
+    (out / "actions.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def load_example(config: BundleConfig, folder: Path) -> Example:
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))]
+    doc = json.loads((folder / "actions.json").read_text())
+    return Example(
+        name=folder.name,
+        context=np.stack(frames),
+        context_actions=tuple(action_index(config, a) for a in doc.get("context_actions", [])),
+        actions=tuple(action_index(config, a) for a in doc.get("actions", [])),
+    )
+
+
+def find_bundles(extra_dirs: list[Path] | None = None) -> dict[str, Path]:
+    """Bundle id -> folder: the packaged bundles, then every folder in extra_dirs."""
+    found: dict[str, Path] = {}
+    for root in [PACKAGED_BUNDLES, *(extra_dirs or [])]:
+        if not root.is_dir():
+            continue
+        candidates = [root] if (root / "config.json").is_file() else sorted(root.iterdir())
+        for d in candidates:
+            if (d / "config.json").is_file():
+                try:
+                    name = json.loads((d / "config.json").read_text()).get("name", d.name)
+                except json.JSONDecodeError:
+                    name = d.name
+                found.setdefault(name, d)
+    return found
+
+
+def resolve_bundle(name_or_dir: str | None, extra_dirs: list[Path] | None = None) -> Path:
+    """A bundle id (packaged or in extra_dirs) or a folder -> its folder.
+
+    With no name: the packaged default (the only packaged bundle, or `DEFAULT_BUNDLE`).
+    """
+    if name_or_dir and Path(name_or_dir).is_dir():
+        return Path(name_or_dir)
+    found = find_bundles(extra_dirs)
+    if name_or_dir is None:
+        if DEFAULT_BUNDLE in found:
+            return found[DEFAULT_BUNDLE]
+        if found:
+            return next(iter(found.values()))
+        raise ValueError("model: no bundle found; pass --model DIR or set DFSERVE_MODELS_DIR")
+    if name_or_dir in found:
+        return found[name_or_dir]
+    raise ValueError(f"model: {name_or_dir!r} is not one of {sorted(found)} nor a folder")
+
+
+DEFAULT_BUNDLE = "crafter-cpu"

@@ -1,0 +1,248 @@
+"""Frozen configuration dataclasses and named presets (nanoGPT / DiT style).
+
+A bundle's `config.json` is exactly `asdict(BundleConfig)`; `BundleConfig.from_dict` reads it
+back and rejects unknown keys so a typo in a hand-edited config fails loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+SCHEDULES = ("pyramid", "autoregressive", "full_sequence", "trapezoid")
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+BETA_SCHEDULES = ("linear", "cosine", "sigmoid")
+OBJECTIVES = ("eps", "v", "x0")
+CONTEXT_NOISE_MODES = ("relabel", "noised")
+TRAIN_OBJECTIVES = ("diffusion_forcing", "teacher_forcing")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    resolution: int = 64  # frames are resolution x resolution
+    channels: int = 3
+    patch_size: int = 8  # 64/8 -> 8x8 = 64 tokens per frame
+    width: int = 192  # transformer width D
+    depth: int = 4  # number of DiT blocks
+    heads: int = 3  # head dim = width / heads
+    mlp_ratio: float = 4.0
+    n_actions: int = 17  # action id n_actions is the null (unconditional / unknown) action
+    max_frames: int = 16  # training window; attention never spans more frames than this
+    rope_base: float = 10_000.0  # RoPE over the global frame index (relative attention in time)
+    # Concatenate the previous frame's input to each frame's patches (frame stacking, as in
+    # DIAMOND): copying and shifting the last frame becomes a local, per-patch function
+    # instead of something attention must learn. Still block-causal (t sees t-1).
+    frame_skip: bool = False
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.resolution // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    timesteps: int = 1000  # T discrete noise levels 0..T-1; level -1 means clean
+    beta_schedule: str = "cosine"
+    objective: str = "v"  # what the network predicts: eps, v or x0
+    clip_noise: float = 20.0  # every drawn noise is clamped to [-clip_noise, clip_noise] (DF)
+    zero_terminal_snr: bool = False  # rescale betas so level T-1 is pure noise (Lin et al. 2023)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling settings; a bundle stores its measured defaults, a request may override them."""
+
+    schedule: str = "pyramid"
+    sampler: str = "dpmpp_2m"
+    steps: int = 8  # S denoising steps per frame
+    eta: float = 0.0  # DDIM stochasticity (ddpm forces 1)
+    uncertainty_scale: float = 1.0  # u: pyramid / trapezoid slope
+    chunk_size: int = 4  # frames generated per chunk when sliding
+    guidance: float = 1.0  # history guidance weight w; 1 = off
+    context_noise: int = 15  # level of context frames (DF stabilization level), -1 = clean
+    context_noise_mode: str = "relabel"  # relabel (DF v1.5) or noised (really add the noise)
+
+    def validate(self, n_frames: int, timesteps: int) -> None:
+        """Raise ValueError naming the field and the accepted values."""
+        _one_of("schedule", self.schedule, SCHEDULES)
+        _one_of("sampler", self.sampler, SAMPLERS)
+        _one_of("context_noise_mode", self.context_noise_mode, CONTEXT_NOISE_MODES)
+        _in_range("steps", self.steps, 1, timesteps)
+        _in_range("eta", self.eta, 0.0, 1.0)
+        _in_range("uncertainty_scale", self.uncertainty_scale, 0.0, 1000.0)
+        _in_range("chunk_size", self.chunk_size, 1, n_frames - 1)
+        _in_range("guidance", self.guidance, 0.0, 20.0)
+        _in_range("context_noise", self.context_noise, -1, timesteps - 1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    env: str = "crafter"
+    fps: int = 10
+    n_frames: int = 16  # training window, equals network.max_frames
+    context_length: int = 4  # default number of context frames a rollout starts from
+    action_names: tuple[str, ...] = ()
+    # pixels are stored as uint8 and mapped to [-1, 1] by x / 127.5 - 1
+    pixel_scale: float = 127.5
+    pixel_shift: float = -1.0
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    name: str = "untitled"
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Longest rollout the bundle allows per request (the server may lower it).
+    max_rollout_frames: int = 2048
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BundleConfig:
+        parts = {
+            "network": NetworkConfig,
+            "diffusion": DiffusionConfig,
+            "data": DataConfig,
+            "sampling": SamplingConfig,
+        }
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in parts:
+                kwargs[key] = _build(parts[key], value, key)
+            elif key in {f.name for f in fields(cls)}:
+                kwargs[key] = value
+            else:
+                raise ValueError(f"config.json: unknown key {key!r}")
+        return cls(**kwargs)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"config.json: unknown keys in {where}: {sorted(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**values)
+
+
+def _one_of(name: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name}: {value!r} is not one of {list(accepted)}")
+
+
+def _in_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}: {value!r} is outside [{lo}, {hi}]")
+
+
+# --- named presets --------------------------------------------------------------------------
+
+CRAFTER_ACTIONS: tuple[str, ...] = (
+    "noop", "move_left", "move_right", "move_up", "move_down", "do", "sleep", "place_stone",
+    "place_table", "place_furnace", "place_plant", "make_wood_pickaxe", "make_stone_pickaxe",
+    "make_iron_pickaxe", "make_wood_sword", "make_stone_sword", "make_iron_sword",
+)  # fmt: skip
+
+
+def preset(name: str) -> BundleConfig:
+    """Named configurations. `tiny` is for tests; `crafter-cpu` trains on 2 CPU cores."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: {name!r} is not one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+_CRAFTER_DATA = DataConfig(env="crafter", fps=10, n_frames=16, action_names=CRAFTER_ACTIONS)
+
+PRESETS: dict[str, BundleConfig] = {
+    "tiny": BundleConfig(
+        name="tiny",
+        network=NetworkConfig(
+            resolution=16, patch_size=4, width=32, depth=2, heads=2, n_actions=4, max_frames=8,
+            frame_skip=True,
+        ),
+        data=DataConfig(env="synthetic", fps=8, n_frames=8, context_length=2,
+                        action_names=("noop", "left", "right", "up")),
+        sampling=SamplingConfig(steps=4, chunk_size=3),
+    ),  # fmt: skip
+    # Sized for 2 CPU cores and a 30-minute budget: 64 tokens per frame, an 8-frame window
+    # (4 context + a chunk of 4), 1.3 M parameters; one training step of 8 windows takes
+    # about a second on one core. x0-prediction, not v: a token carries a patch of
+    # 8*8*3 = 192 values but the width is 128, so the network cannot represent per-pixel
+    # noise; v/eps targets need exactly that (x0 = a*x - s*v leaves the unrepresented noise
+    # in every sample: 11.8 dB at h=1 with v), while x0 lives in the patches' low-rank image
+    # subspace (rank 128 keeps all but 2e-4 of Crafter's patch variance).
+    "crafter-cpu": BundleConfig(
+        name="crafter-cpu",
+        network=NetworkConfig(width=128, depth=4, heads=4, max_frames=8, frame_skip=True),
+        diffusion=DiffusionConfig(objective="x0"),
+        data=dataclasses.replace(_CRAFTER_DATA, n_frames=8),
+        sampling=SamplingConfig(steps=8, chunk_size=4),
+    ),
+    "crafter-gpu": BundleConfig(
+        name="crafter-gpu",
+        network=NetworkConfig(
+            patch_size=4, width=512, depth=12, heads=8, max_frames=16, frame_skip=True
+        ),
+        data=_CRAFTER_DATA,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of `dfserve train` (the network/diffusion come from a preset)."""
+
+    # diffusion_forcing: every frame draws its own level uniformly in [0, T-1] (Chen et al.
+    # 2024). teacher_forcing: frames before a random split point are clean (level -1, no
+    # loss), every frame from it on shares one level (model.train.sample_levels).
+    objective: str = "diffusion_forcing"
+    batch_size: int = 32  # windows of n_frames per optimizer step
+    lr: float = 1e-3  # AdamW peak learning rate
+    min_lr_ratio: float = 0.1  # cosine floor, used when the step budget is known
+    warmup_steps: int = 200  # linear warmup from 0
+    weight_decay: float = 0.01  # on matrices and embeddings only (nanoGPT), not biases
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0  # global grad-norm clip
+    ema_decay: float = 0.999  # EMA weights are what the bundle ships
+    min_snr_gamma: float = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023)
+    cum_snr_decay: float = 0.9  # DF's fused SNR: decay of the history's SNR (0 = plain min-SNR)
+    action_dropout: float = 0.1  # P(a window's actions are all null): unconditional branch
+    history_dropout: float = 0.1  # P(frames before a split go to level T-1 with null actions)
+    log_every: int = 20  # steps between CSV rows / progress updates
+    ckpt_every: int = 250  # steps between checkpoints (also one at the end)
+    seed: int = 0
+
+    def validate(self) -> None:
+        _one_of("objective", self.objective, TRAIN_OBJECTIVES)
+        _in_range("batch_size", self.batch_size, 1, 1 << 16)
+        _in_range("lr", self.lr, 0.0, 1.0)
+        _in_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _in_range("ema_decay", self.ema_decay, 0.0, 1.0)
+        _in_range("cum_snr_decay", self.cum_snr_decay, 0.0, 1.0)
+        _in_range("action_dropout", self.action_dropout, 0.0, 1.0)
+        _in_range("history_dropout", self.history_dropout, 0.0, 1.0)
+        _in_range("grad_clip", self.grad_clip, 0.0, 1e9)
+
+
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    "tiny": TrainConfig(batch_size=4, lr=3e-3, warmup_steps=2, ema_decay=0.9, log_every=1,
+                        ckpt_every=2),  # fmt: skip
+    "crafter-cpu": TrainConfig(batch_size=8, lr=2e-3, warmup_steps=100, ema_decay=0.995),
+    "crafter-gpu": TrainConfig(batch_size=64, lr=3e-4, warmup_steps=2000, ema_decay=0.9999,
+                               ckpt_every=2000, log_every=50),  # fmt: skip
+}
+
+
+def train_preset(name: str) -> TrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"config: {name!r} is not one of {sorted(TRAIN_PRESETS)}")
+    return TRAIN_PRESETS[name]
+
+
+def with_overrides(cfg: Any, **changes: Any) -> Any:
+    """dataclasses.replace that ignores None values (CLI / API 'not given')."""
+    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,224 @@
+"""Causal video DiT: per-frame adaLN (noise level + action), block-causal attention, KV cache.
+
+Dimensions: B batch (rollouts), A frames in the forward pass ("active"), N tokens per frame,
+D width, Hd heads, d head dim, K cached tokens, C channels, P patch size, R resolution.
+
+Time enters attention only through RoPE over the *global* frame index, so attention scores
+depend on frame offsets alone: keys cached at frame 37 stay valid when the window slides, and
+a window of n_frames at any point of a long rollout looks like the training window.
+Attention is block-causal: every token of frame i sees all tokens of frames <= i.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import NetworkConfig
+
+Rotation = tuple[Tensor, Tensor]  # RoPE cos, sin: (B, L, 1, d/2)
+
+
+@dataclass
+class BatchKV:
+    """Cached keys/values for a batch: per layer (B, K, Hd, d), and which of the K are real."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    valid: Tensor  # (B, K) bool
+
+
+def level_embedding(levels: Tensor, dim: int, timesteps: int) -> Tensor:
+    """Sinusoidal embedding of level + 1 in [0, T] (0 = clean), as DiT embeds timesteps."""
+    half = dim // 2
+    t = (levels.to(torch.float32) + 1) * (1000.0 / timesteps)
+    freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=levels.device) / half)
+    args = t[..., None] * freqs  # (..., half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_tables(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> Rotation:
+    """cos/sin (B, L, 1, d/2) for positions (B, L), once per forward for every layer.
+
+    Angles are computed in float64 so that frame 10^4 rotates as exactly as frame 1."""
+    inv_freq = base ** (
+        -torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim
+    )
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # (B, L, d/2)
+    return torch.cos(angles).to(dtype)[:, :, None, :], torch.sin(angles).to(dtype)[:, :, None, :]
+
+
+def rope(x: Tensor, rotation: Rotation) -> Tensor:
+    """Rotate x (B, L, Hd, d) pairwise (first half, second half) by the given angles."""
+    cos, sin = rotation
+    d = x.shape[-1]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: NetworkConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(
+        self,
+        x: Tensor,
+        rotation: Rotation,
+        mask: Tensor,
+        cached: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        B, L, D = x.shape  # L = A * N
+        qkv = self.qkv(x).view(B, L, 3, self.heads, D // self.heads)
+        q, k, v = qkv.unbind(dim=2)  # each (B, L, Hd, d)
+        q, k = rope(q, rotation), rope(k, rotation)
+        if cached is not None:
+            keys, values = torch.cat([cached[0], k], 1), torch.cat([cached[1], v], 1)
+        else:
+            keys, values = k, v
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
+        )  # (B, Hd, L, d)
+        out = out.transpose(1, 2).reshape(B, L, D)
+        return self.proj(out), k, v
+
+
+class Block(nn.Module):
+    """DiT block with adaLN-Zero, modulated per frame (each frame has its own level/action)."""
+
+    def __init__(self, cfg: NetworkConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=1e-6)
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.width)
+        )
+        ada = nn.Linear(cfg.width, 6 * cfg.width)
+        nn.init.zeros_(ada.weight)  # adaLN-Zero: every block starts as the identity
+        nn.init.zeros_(ada.bias)
+        self.ada = nn.Sequential(nn.SiLU(), ada)
+
+    def forward(
+        self,
+        x: Tensor,
+        cond: Tensor,
+        rotation: Rotation,
+        mask: Tensor,
+        cached: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        B, A, N, D = x.shape
+        mods = self.ada(cond)[:, :, None, :].chunk(6, dim=-1)  # each (B, A, 1, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods
+        h = modulate(self.norm1(x), shift1, scale1).view(B, A * N, D)
+        attn, k, v = self.attn(h, rotation, mask, cached)
+        x = x + gate1 * attn.view(B, A, N, D)
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x, k, v
+
+
+class CausalVideoDiT(nn.Module):
+    def __init__(self, cfg: NetworkConfig, timesteps: int):
+        super().__init__()
+        if cfg.resolution % cfg.patch_size or cfg.width % cfg.heads:
+            raise ValueError("network: resolution % patch_size and width % heads must be 0")
+        self.cfg = cfg
+        self.timesteps = timesteps
+        D, P, C = cfg.width, cfg.patch_size, cfg.channels
+        stacked = 2 if cfg.frame_skip else 1  # the frame, and the previous frame's input
+        self.patch_embed = nn.Linear(stacked * P * P * C, D)
+        self.spatial_pos = nn.Parameter(torch.randn(cfg.tokens_per_frame, D) * 0.02)
+        self.level_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+        self.action_embed = nn.Embedding(cfg.n_actions + 1, D)  # last id = null action
+        nn.init.normal_(self.action_embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        final_ada = nn.Linear(D, 2 * D)
+        self.final = nn.Linear(D, P * P * C)
+        for layer in (final_ada, self.final):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.final_ada = nn.Sequential(nn.SiLU(), final_ada)
+
+    @property
+    def null_action(self) -> int:
+        return self.cfg.n_actions
+
+    def patchify(self, x: Tensor) -> Tensor:
+        B, A, C, R, _ = x.shape
+        P, G = self.cfg.patch_size, R // self.cfg.patch_size
+        x = x.view(B, A, C, G, P, G, P).permute(0, 1, 3, 5, 4, 6, 2)  # (B, A, G, G, P, P, C)
+        return x.reshape(B, A, G * G, P * P * C)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        B, A, _, _ = x.shape
+        P, C, R = self.cfg.patch_size, self.cfg.channels, self.cfg.resolution
+        G = R // P
+        x = x.view(B, A, G, G, P, P, C).permute(0, 1, 6, 2, 4, 3, 5)  # (B, A, C, G, P, G, P)
+        return x.reshape(B, A, C, R, R)
+
+    def forward(
+        self,
+        x: Tensor,
+        levels: Tensor,
+        actions: Tensor,
+        positions: Tensor,
+        frame_valid: Tensor | None = None,
+        cache: BatchKV | None = None,
+        before: Tensor | None = None,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """x (B, A, C, R, R), levels/actions/positions (B, A) -> output in the objective's
+        parameterisation (B, A, C, R, R), plus the new keys/values per layer (B, A*N, Hd, d)
+        so the caller can commit finished frames to its cache.
+
+        before (B, C, R, R): with frame_skip, the input of the frame preceding x[:, 0] when it
+        is inside the attention window (in the cache); zeros (the default) at a window start."""
+        B, A = levels.shape
+        N = self.cfg.tokens_per_frame
+        if frame_valid is None:
+            frame_valid = torch.ones(B, A, dtype=torch.bool, device=x.device)
+        patches = self.patchify(x)  # (B, A, N, P*P*C)
+        if self.cfg.frame_skip:
+            first = torch.zeros_like(x[:, 0]) if before is None else before
+            previous = torch.cat([first[:, None], x[:, :-1]], dim=1)  # (B, A, C, R, R)
+            patches = torch.cat([patches, self.patchify(previous)], dim=-1)
+        h = self.patch_embed(patches) + self.spatial_pos  # (B, A, N, D)
+        cond = self.level_mlp(level_embedding(levels, self.cfg.width, self.timesteps))
+        cond = cond + self.action_embed(actions)  # (B, A, D)
+        token_pos = positions.repeat_interleave(N, dim=1)  # (B, A*N)
+        rotation = rope_tables(token_pos, self.cfg.width // self.cfg.heads, self.cfg.rope_base,
+                               h.dtype)  # fmt: skip
+        mask = self.attention_mask(frame_valid, cache)
+        new_keys, new_values = [], []
+        for i, block in enumerate(self.blocks):
+            cached = (cache.keys[i], cache.values[i]) if cache is not None else None
+            h, k, v = block(h, cond, rotation, mask, cached)
+            new_keys.append(k)
+            new_values.append(v)
+        shift, scale = self.final_ada(cond)[:, :, None, :].chunk(2, dim=-1)
+        out = self.final(modulate(self.final_norm(h), shift, scale))  # (B, A, N, P*P*C)
+        return self.unpatchify(out), new_keys, new_values
+
+    def attention_mask(self, frame_valid: Tensor, cache: BatchKV | None) -> Tensor:
+        """(B, 1, A*N, K + A*N) bool: cached tokens (all earlier) + block-causal active ones."""
+        B, A = frame_valid.shape
+        N = self.cfg.tokens_per_frame
+        frame_idx = torch.arange(A, device=frame_valid.device)
+        causal = frame_idx[None, :, None] >= frame_idx[None, None, :]  # (1, A, A)
+        active = causal & frame_valid[:, None, :]  # (B, A, A): query frame x key frame
+        active = active.repeat_interleave(N, 1).repeat_interleave(N, 2)  # (B, A*N, A*N)
+        if cache is not None:
+            cached = cache.valid[:, None, :].expand(B, A * N, cache.valid.shape[1])
+            active = torch.cat([cached, active], dim=2)
+        return active[:, None]

@@ -1,0 +1,124 @@
+"""Turn user-facing rollout parameters into a validated RolloutRequest.
+
+Shared by `dfserve rollout --local`, the API (which validates before queueing) and the worker,
+so every entry point accepts and rejects exactly the same things. Errors are ValueErrors whose
+message starts with the offending field's name; the API maps them to 422.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.bundle import action_index
+from model.config import BundleConfig, SamplingConfig
+from model.rollout import RolloutRequest
+
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingConfig))
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    request: RolloutRequest
+    notes: tuple[str, ...]  # what was changed on the way (trimmed context, cycled actions)
+
+
+def sampling_from(config: BundleConfig, overrides: dict[str, Any]) -> SamplingConfig:
+    """The bundle's defaults with the given fields replaced; None means 'use the default'."""
+    values = {f: getattr(config.sampling, f) for f in SAMPLING_FIELDS}
+    for key, value in overrides.items():
+        if key not in values:
+            raise ValueError(f"{key}: unknown sampling setting; accepted: {list(values)}")
+        if value is not None:
+            values[key] = _coerce(key, value, type(values[key]))
+    sampling = SamplingConfig(**values)
+    sampling.validate(config.network.max_frames, config.diffusion.timesteps)
+    return sampling
+
+
+def prepare(
+    config: BundleConfig,
+    context: np.ndarray,
+    actions: list[str | int] | None = None,
+    frames: int | None = None,
+    sampling: dict[str, Any] | None = None,
+    seed: int = 0,
+    context_actions: list[str | int] | None = None,
+    max_frames: int | None = None,
+) -> PreparedRequest:
+    """context: uint8 (K, R, R, 3) at the model's resolution."""
+    notes: list[str] = []
+    s = sampling_from(config, sampling or {})
+    limit = min(max_frames or config.max_rollout_frames, config.max_rollout_frames)
+    action_ids = [action_index(config, a) for a in actions or []]
+    frames = _resolve_frames(frames, action_ids, limit, notes)
+    if not action_ids:
+        action_ids = [_default_action(config)] * frames
+        notes.append("actions: none given, using noop for every frame")
+    elif len(action_ids) != frames:
+        cycled = [action_ids[i % len(action_ids)] for i in range(frames)]
+        notes.append(f"actions: {len(action_ids)} given for {frames} frames, repeated cyclically")
+        action_ids = cycled
+    ctx = _check_context(config, context)
+    ctx_ids = [action_index(config, a) for a in context_actions or []]
+    if ctx_ids and len(ctx_ids) != len(ctx):
+        raise ValueError(f"context_actions: {len(ctx_ids)} given for {len(ctx)} context frames")
+    keep = config.network.max_frames - s.chunk_size
+    if len(ctx) > keep:
+        notes.append(f"context: {len(ctx)} frames given, the first {len(ctx) - keep} trimmed "
+                     f"(the model sees at most {keep} with chunk_size {s.chunk_size})")  # fmt: skip
+        ctx, ctx_ids = ctx[-keep:], ctx_ids[-keep:] if ctx_ids else []
+    tensor = torch.from_numpy(ctx).permute(0, 3, 1, 2).float() / config.data.pixel_scale
+    tensor = tensor + config.data.pixel_shift  # (K, C, R, R) in [-1, 1]
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed: {seed!r} must be an integer in [0, 2^63)")
+    request = RolloutRequest(
+        context=tensor,
+        actions=tuple(action_ids),
+        sampling=s,
+        seed=seed,
+        context_actions=tuple(ctx_ids) if ctx_ids else None,
+    )
+    return PreparedRequest(request, tuple(notes))
+
+
+def _resolve_frames(frames: int | None, action_ids: list[int], limit: int, notes: list) -> int:
+    if frames is None:
+        frames = len(action_ids) or 16
+    if not isinstance(frames, int) or isinstance(frames, bool):
+        raise ValueError(f"frames: {frames!r} must be an integer")
+    if not 1 <= frames <= limit:
+        raise ValueError(f"frames: {frames} must be between 1 and {limit}")
+    return frames
+
+
+def _default_action(config: BundleConfig) -> int:
+    names = config.data.action_names
+    return names.index("noop") if "noop" in names else config.network.n_actions
+
+
+def _check_context(config: BundleConfig, context: np.ndarray) -> np.ndarray:
+    r = config.network.resolution
+    if context.ndim != 4 or context.shape[1:] != (r, r, 3) or context.dtype != np.uint8:
+        raise ValueError(f"context: frames must be uint8 ({r}, {r}, 3), got {context.shape}")
+    if len(context) == 0:
+        raise ValueError("context: at least one frame is needed")
+    return context
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Accept 8 for 8.0 and '8' for nothing: JSON numbers yes, strings for numbers no."""
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: {value!r} must be a string")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key}: {value!r} must be a number")
+    if kind is int:
+        if float(value) != int(value):
+            raise ValueError(f"{key}: {value!r} must be an integer")
+        return int(value)
+    return float(value)

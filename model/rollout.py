@@ -1,0 +1,491 @@
+"""The rollout engine: context -> frames, chunk by chunk, many rollouts per forward pass.
+
+Dimensions: B rollouts in a forward, A frames in the forward, h frames in a chunk, C channels,
+R resolution, N tokens per frame, L layers, Hd heads, d head dim.
+
+Semantics (the "recompute" reference, what the research code does at every denoising row):
+a rollout is cut into chunks of `chunk_size` frames; chunk k sees the last
+`n_frames - chunk_size` finished frames as history. At each row of the scheduling matrix the
+network sees history + chunk; history frames and chunk frames that are already clean sit at the
+context level (relabelled, or really noised once with the rollout's generator), the others at
+their row's level. The chunk frames move one row with the per-frame sampler.
+
+The KV cache is an exact shortcut for that: attention is block-causal, so a frame whose input
+and all earlier inputs are fixed has fixed keys/values. A forward starts at the first frame not
+yet cached and ends at the last moving frame; finished frames at its front are committed to the
+cache as a side effect (that is the "one pass at the context level"). When the history window
+slides, its first frame changes and every cached key with it, so the cache is rebuilt by
+including the whole history in the next forward — once per chunk, not once per row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.bundle import Bundle
+from model.config import SamplingConfig
+from model.network import BatchKV
+from model.samplers import SamplerState, draw_noise, sampler_step
+from model.scheduling import scheduling_matrix
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    context: Tensor  # (K, C, R, R) float in [-1, 1]
+    actions: tuple[int, ...]  # one per generated frame: actions[i] produces generated frame i
+    sampling: SamplingConfig
+    seed: int = 0
+    context_actions: tuple[int, ...] | None = None  # the actions that produced the context frames
+
+    @property
+    def frames(self) -> int:
+        return len(self.actions)
+
+
+class KVCache:
+    """One rollout's keys/values, preallocated for a whole window: (L, n_frames*N, Hd, d)."""
+
+    def __init__(self, layers: int, tokens: int, heads: int, head_dim: int, like: Tensor):
+        self.keys = like.new_zeros(layers, tokens, heads, head_dim)
+        self.values = like.new_zeros(layers, tokens, heads, head_dim)
+        self.start = 0  # global index of the first cached frame
+        self.end = 0  # one past the last cached frame
+
+    def reset(self, start: int) -> None:
+        self.start = self.end = start
+
+
+@dataclass
+class RolloutState:
+    """Everything one rollout carries between rows; the engine itself is stateless."""
+
+    request: RolloutRequest
+    generator: torch.Generator
+    inputs: list[Tensor]  # network input of finished frames from `dropped` on (context level)
+    clean: list[Tensor]  # the same finished frames, clean
+    frame_actions: list[int]  # conditioning action of every frame, context included
+    n_context: int
+    cache: KVCache | None
+    # the chunk being generated
+    chunk_start: int = 0
+    chunk_x: Tensor | None = None  # (h, C, R, R)
+    chunk_clean: list[Tensor | None] = field(default_factory=list)
+    chunk_inputs: list[Tensor | None] = field(default_factory=list)
+    matrix: np.ndarray | None = None
+    row: int = 0
+    sampler_state: SamplerState = field(default_factory=SamplerState)
+    emitted: int = 0  # generated frames handed out so far
+    rows_done: int = 0
+    dropped: int = 0  # finished frames forgotten: out of the window and handed out
+
+    @property
+    def finished(self) -> int:
+        """Global index one past the last finished frame before the current chunk."""
+        return self.dropped + len(self.clean)
+
+    @property
+    def total_frames(self) -> int:
+        return self.n_context + self.request.frames
+
+    @property
+    def done(self) -> bool:
+        return self.emitted >= self.request.frames
+
+
+@dataclass
+class _Forward:
+    """What one rollout contributes to a batched forward pass."""
+
+    state: RolloutState
+    first: int  # global index of the first frame in the forward
+    x: Tensor  # (A, C, R, R)
+    levels: Tensor  # (A,)
+    actions: Tensor  # (A,)
+    use_cache: bool
+    before: Tensor | None = None  # input of frame first-1 when it is inside the window
+
+
+class RolloutEngine:
+    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", use_cache: bool = True):
+        self.bundle = bundle
+        self.device = torch.device(device)
+        self.net = bundle.network.to(self.device).eval()
+        self.schedule = bundle.schedule
+        self.cfg = bundle.config
+        self.use_cache = use_cache
+        self.window = self.cfg.network.max_frames
+
+    # --- public API ------------------------------------------------------------------------
+
+    def bytes_per_rollout(self) -> int:
+        """Memory one live rollout needs at most: its preallocated KV cache, its window of
+        frames (inputs + clean + chunk), and its share of a row's activations (the largest
+        forward is a window rebuild: every frame, every layer's keys/values and MLP)."""
+        n = self.cfg.network
+        word = torch.finfo(torch.float32).bits // 8
+        tokens = self.window * n.tokens_per_frame
+        cache = 2 * n.depth * tokens * n.width * word
+        frames = 3 * self.window * n.channels * n.resolution**2 * word
+        activations = tokens * n.width * (4 + int(n.mlp_ratio)) * word + tokens * tokens * word
+        return cache + frames + activations
+
+    def max_batch_for(self, budget_bytes: int) -> int:
+        """How many rollouts fit a memory budget (at least one)."""
+        return max(1, budget_bytes // self.bytes_per_rollout())
+
+    def start(self, request: RolloutRequest) -> RolloutState:
+        """Validate a request and build its state (noising context frames in 'noised' mode)."""
+        self.validate(request)
+        s = request.sampling
+        gen = torch.Generator(device="cpu").manual_seed(request.seed)
+        context = request.context.to(self.device, torch.float32)
+        ctx_actions = request.context_actions or (self.net.null_action,) * len(context)
+        inputs = [self._context_input(frame, s, gen) for frame in context]
+        cache = None
+        if self.use_cache:
+            n = self.cfg.network
+            tokens = self.window * n.tokens_per_frame
+            cache = KVCache(n.depth, tokens, n.heads, n.width // n.heads, context)
+        return RolloutState(
+            request=request,
+            generator=gen,
+            inputs=inputs,
+            clean=list(context),
+            frame_actions=list(ctx_actions) + list(request.actions),
+            n_context=len(context),
+            cache=cache,
+        )
+
+    def validate(self, request: RolloutRequest) -> None:
+        net, s = self.cfg.network, request.sampling
+        s.validate(self.window, self.cfg.diffusion.timesteps)
+        shape = (net.channels, net.resolution, net.resolution)
+        if request.context.dim() != 4 or tuple(request.context.shape[1:]) != shape:
+            raise ValueError(f"context: frames must be {shape}, got {tuple(request.context.shape)}")
+        if not 1 <= len(request.context) <= self.window - s.chunk_size:
+            raise ValueError(
+                f"context: {len(request.context)} frames; between 1 and "
+                f"n_frames - chunk_size = {self.window - s.chunk_size} are accepted"
+            )
+        if request.frames < 1:
+            raise ValueError("frames: must be >= 1")
+        all_actions = list(request.actions) + list(request.context_actions or ())
+        bad = [a for a in all_actions if not 0 <= a <= net.n_actions]
+        if bad:
+            raise ValueError(f"actions: {bad[:3]} outside [0, {net.n_actions - 1}]")
+        if request.context_actions is not None and len(request.context_actions) != len(
+            request.context
+        ):
+            raise ValueError("context_actions: need one per context frame")
+
+    def extend(self, state: RolloutState, actions: list[int]) -> None:
+        """Append actions (one more frame each) to a live rollout: interactive play.
+
+        A chunk is planned from the actions known when it starts, so with chunk_size 1 the
+        frames equal those of a rollout given every action up front (a test); with larger
+        chunks a short extension makes a shorter chunk."""
+        n = self.cfg.network.n_actions
+        bad = [a for a in actions if not 0 <= a <= n]
+        if bad:
+            raise ValueError(f"actions: {bad[:3]} outside [0, {n - 1}]")
+        state.request = replace(state.request, actions=state.request.actions + tuple(actions))
+        state.frame_actions.extend(actions)
+
+    def rollout(self, request: RolloutRequest) -> Iterator[tuple[int, Tensor]]:
+        """Generate frames one rollout at a time, yielding (index, frame) as each is clean."""
+        state = self.start(request)
+        while not state.done:
+            yield from self.step([state])[0]
+
+    @torch.no_grad()
+    def step(self, states: list[RolloutState]) -> list[list[tuple[int, Tensor]]]:
+        """One denoising row for every rollout, in one batched forward pass (per size group).
+
+        Returns, per rollout, the generated frames (index, (C, R, R) in [-1, 1]) that became
+        clean and are next in order.
+        """
+        live = [st for st in states if not st.done]
+        for st in live:
+            if st.matrix is None or st.row >= st.matrix.shape[0] - 1:
+                self._start_chunk(st)
+        specs = [self._plan(st) for st in live]
+        x0s = self._run_forwards(specs)
+        guided = [sp for sp in specs if sp.state.request.sampling.guidance != 1.0]
+        if guided:
+            x0s_uncond = self._run_unconditional(guided)
+            for sp in guided:
+                w = sp.state.request.sampling.guidance
+                x0s[id(sp)] = w * x0s[id(sp)] - (w - 1) * x0s_uncond[id(sp)]
+        out: dict[int, list[tuple[int, Tensor]]] = {id(st): [] for st in states}
+        for sp in specs:
+            out[id(sp.state)] = self._advance(sp, x0s[id(sp)])
+        return [out[id(st)] for st in states]
+
+    # --- chunks and rows -------------------------------------------------------------------
+
+    def _start_chunk(self, st: RolloutState) -> None:
+        s = st.request.sampling
+        if st.chunk_x is not None:  # the previous chunk is finished: make it history
+            st.inputs.extend(t for t in st.chunk_inputs if t is not None)
+            st.clean.extend(t for t in st.chunk_clean if t is not None)
+        st.chunk_start = st.finished
+        self._forget_old_frames(st)
+        h = min(s.chunk_size, st.total_frames - st.chunk_start)
+        net = self.cfg.network
+        st.chunk_x = draw_noise(
+            torch.Size((h, net.channels, net.resolution, net.resolution)),
+            st.generator,
+            self.cfg.diffusion.clip_noise,
+            st.clean[-1],
+        )
+        st.chunk_clean = [None] * h
+        st.chunk_inputs = [None] * h
+        st.matrix = scheduling_matrix(s.schedule, s.steps, h, s.uncertainty_scale)
+        st.row = 0
+        st.sampler_state = SamplerState()
+        if st.cache is not None and st.cache.start != self._history_start(st):
+            st.cache.reset(self._history_start(st))  # the window slid: rebuild from its start
+
+    def _forget_old_frames(self, st: RolloutState) -> None:
+        """Keep memory flat on 1,000-frame rollouts and endless sessions: frames before the
+        history window that were already handed out are never read again."""
+        keep_from = min(self._history_start(st), st.n_context + st.emitted)
+        drop = keep_from - st.dropped
+        if drop > 0:
+            del st.inputs[:drop], st.clean[:drop]
+            st.dropped += drop
+
+    def _history_start(self, st: RolloutState) -> int:
+        return max(0, st.chunk_start - (self.window - st.request.sampling.chunk_size))
+
+    def _row_levels(self, st: RolloutState) -> tuple[Tensor, Tensor]:
+        assert st.matrix is not None
+        levels_of = self.schedule.sampling_levels(st.request.sampling.steps)
+        m = torch.from_numpy(st.matrix)
+        return levels_of[m[st.row]].to(self.device), levels_of[m[st.row + 1]].to(self.device)
+
+    def _plan(self, st: RolloutState) -> _Forward:
+        """The frames this rollout needs in this row's forward, with their levels and actions."""
+        assert st.chunk_x is not None
+        from_levels, to_levels = self._row_levels(st)
+        moving = (from_levels != to_levels).nonzero().flatten()
+        last = st.chunk_start + int(moving.max()) if len(moving) else st.chunk_start
+        first = st.cache.end if st.cache is not None else self._history_start(st)
+        ctx_level = st.request.sampling.context_noise
+        xs, levels = [], []
+        for g in range(first, last + 1):
+            t = g - st.chunk_start
+            if t < 0:
+                xs.append(st.inputs[g - st.dropped])
+                levels.append(ctx_level)
+            elif (finished := st.chunk_inputs[t]) is not None:
+                xs.append(finished)
+                levels.append(ctx_level)
+            else:
+                xs.append(st.chunk_x[t])
+                levels.append(int(from_levels[t]))
+        return _Forward(
+            state=st,
+            first=first,
+            x=torch.stack(xs),
+            levels=torch.tensor(levels, device=self.device),
+            actions=torch.tensor(st.frame_actions[first : last + 1], device=self.device),
+            use_cache=st.cache is not None,
+            before=self._input(st, first - 1) if first > self._history_start(st) else None,
+        )
+
+    def _input(self, st: RolloutState, g: int) -> Tensor:
+        """The network input of finished frame g (history or an already clean chunk frame)."""
+        t = g - st.chunk_start
+        if t < 0:
+            return st.inputs[g - st.dropped]
+        frame = st.chunk_inputs[t]
+        assert frame is not None, "only finished frames precede a forward"
+        return frame
+
+    def _advance(self, sp: _Forward, x0: Tensor) -> list[tuple[int, Tensor]]:
+        """Apply the sampler to the chunk's frames and hand out frames that became clean."""
+        st = sp.state
+        s = st.request.sampling
+        assert st.chunk_x is not None
+        from_levels, to_levels = self._row_levels(st)
+        h = len(st.chunk_x)
+        lo = sp.first - st.chunk_start  # chunk index of the forward's first frame (may be < 0)
+        chunk_x0 = st.chunk_x.clone()  # frames outside the forward do not move this row
+        begin, end = max(lo, 0), min(lo + len(x0), h)
+        chunk_x0[begin:end] = x0[begin - lo : end - lo]
+        st.chunk_x, st.sampler_state = sampler_step(
+            s.sampler, self.schedule, st.chunk_x, chunk_x0, from_levels, to_levels,
+            st.sampler_state, s.eta, st.generator,
+        )  # fmt: skip
+        st.row += 1
+        st.rows_done += 1
+        for t in range(h):
+            if st.chunk_clean[t] is None and int(to_levels[t]) < 0:
+                st.chunk_clean[t] = st.chunk_x[t]
+                st.chunk_inputs[t] = self._context_input(st.chunk_x[t], s, st.generator)
+        return self._emit(st)
+
+    def _emit(self, st: RolloutState) -> list[tuple[int, Tensor]]:
+        out = []
+        while not st.done:
+            g = st.n_context + st.emitted
+            t = g - st.chunk_start
+            if t < 0:
+                frame: Tensor | None = st.clean[g - st.dropped]
+            else:
+                frame = st.chunk_clean[t] if t < len(st.chunk_clean) else None
+            if frame is None:
+                break
+            out.append((st.emitted, frame))
+            st.emitted += 1
+        return out
+
+    def _context_input(self, frame: Tensor, s: SamplingConfig, gen: torch.Generator) -> Tensor:
+        """What the network sees for a finished frame: relabelled, or noised once (DF)."""
+        if s.context_noise_mode == "relabel" or s.context_noise < 0:
+            return frame
+        noise = draw_noise(frame.shape, gen, self.cfg.diffusion.clip_noise, frame)
+        level = torch.tensor([s.context_noise], device=frame.device)
+        return self.schedule.q_sample(frame[None], level, noise[None])[0]
+
+    # --- batched forward passes ------------------------------------------------------------
+
+    def _run_forwards(self, specs: list[_Forward]) -> dict[int, Tensor]:
+        """Group rollouts by forward size (padding a 1-frame row to a 15-frame rebuild would
+        waste the batch) and run one forward per group. Returns x0 per spec id."""
+        x0s: dict[int, Tensor] = {}
+        for group in _size_groups(specs):
+            x0s.update(self._forward_group(group))
+        return x0s
+
+    def _forward_group(self, group: list[_Forward]) -> dict[int, Tensor]:
+        A = max(len(sp.x) for sp in group)
+        x, levels, actions, positions, valid = self._pad(group, A)
+        before = torch.zeros_like(x[:, 0])
+        for b, sp in enumerate(group):
+            if sp.before is not None:
+                before[b] = sp.before
+        cache = self._batch_cache(group)
+        out, keys, values = self.net(x, levels, actions, positions, valid, cache, before)
+        x0 = self.schedule.to_x0(out, x, levels)
+        result = {}
+        for b, sp in enumerate(group):
+            n = len(sp.x)
+            result[id(sp)] = x0[b, :n]
+            if sp.use_cache:
+                self._commit(sp, [k[b] for k in keys], [v[b] for v in values])
+        return result
+
+    def _pad(self, group: list[_Forward], A: int) -> tuple[Tensor, ...]:
+        B = len(group)
+        frame_shape = group[0].x.shape[1:]
+        x = torch.zeros((B, A) + tuple(frame_shape), device=self.device)
+        levels = torch.full((B, A), -1, dtype=torch.long, device=self.device)
+        actions = torch.full((B, A), self.net.null_action, dtype=torch.long, device=self.device)
+        positions = torch.zeros((B, A), dtype=torch.long, device=self.device)
+        valid = torch.zeros((B, A), dtype=torch.bool, device=self.device)
+        for b, sp in enumerate(group):
+            n = len(sp.x)
+            x[b, :n], levels[b, :n], actions[b, :n] = sp.x, sp.levels, sp.actions
+            positions[b] = sp.first + torch.arange(A, device=self.device)
+            valid[b, :n] = True
+        return x, levels, actions, positions, valid
+
+    def _batch_cache(self, group: list[_Forward]) -> BatchKV | None:
+        """Stack the rollouts' caches, trimmed to the longest one; None when all are empty."""
+        N = self.cfg.network.tokens_per_frame
+        lengths = [
+            (sp.state.cache.end - sp.state.cache.start) * N
+            if sp.use_cache and sp.state.cache is not None
+            else 0
+            for sp in group
+        ]
+        K = max(lengths)
+        if K == 0:
+            return None
+        keys, values = [], []
+        for layer in range(self.cfg.network.depth):
+            keys.append(torch.stack([self._cached(sp, layer, K, 0) for sp in group]))
+            values.append(torch.stack([self._cached(sp, layer, K, 1) for sp in group]))
+        valid = torch.arange(K, device=self.device)[None, :] < torch.tensor(
+            lengths, device=self.device
+        )[:, None]
+        return BatchKV(keys, values, valid)
+
+    def _cached(self, sp: _Forward, layer: int, K: int, which: int) -> Tensor:
+        cache = sp.state.cache
+        if cache is None or not sp.use_cache:
+            net = self.cfg.network
+            return torch.zeros(K, net.heads, net.width // net.heads, device=self.device)
+        return (cache.keys if which == 0 else cache.values)[layer, :K]
+
+    def _commit(self, sp: _Forward, keys: list[Tensor], values: list[Tensor]) -> None:
+        """Write finished frames at the front of the forward into the rollout's cache."""
+        st = sp.state
+        cache = st.cache
+        assert cache is not None
+        N = self.cfg.network.tokens_per_frame
+        n_final = 0
+        for g in range(sp.first, sp.first + len(sp.x)):
+            t = g - st.chunk_start
+            if t >= 0 and st.chunk_inputs[t] is None:
+                break
+            n_final += 1
+        if n_final == 0:
+            return
+        lo, hi = (cache.end - cache.start) * N, (cache.end - cache.start + n_final) * N
+        for layer in range(len(keys)):
+            cache.keys[layer, lo:hi] = keys[layer][: n_final * N]
+            cache.values[layer, lo:hi] = values[layer][: n_final * N]
+        cache.end += n_final
+
+    def _run_unconditional(self, specs: list[_Forward]) -> dict[int, Tensor]:
+        """History guidance's second branch (DFoT 'vanilla'): the whole window without cache,
+        history replaced by fresh noise at level T-1 each row, and no actions."""
+        T = self.cfg.diffusion.timesteps
+        uncond = []
+        for sp in specs:
+            st = sp.state
+            full = self._plan_without_cache(st)
+            n_hist = st.chunk_start - full.first
+            noise = draw_noise(
+                full.x[:n_hist].shape, st.generator, self.cfg.diffusion.clip_noise, full.x
+            )
+            full.x[:n_hist] = noise
+            full.levels[:n_hist] = T - 1
+            full.actions[:] = self.net.null_action
+            uncond.append((sp, full))
+        x0s = self._run_forwards([full for _, full in uncond])
+        result = {}
+        for sp, full in uncond:
+            skip = sp.first - full.first  # align to the conditional forward's frames
+            result[id(sp)] = x0s[id(full)][skip:]
+        return result
+
+    def _plan_without_cache(self, st: RolloutState) -> _Forward:
+        cache, st.cache = st.cache, None
+        try:
+            sp = self._plan(st)
+        finally:
+            st.cache = cache
+        sp.x = sp.x.clone()
+        return sp
+
+
+def _size_groups(specs: list[_Forward]) -> list[list[_Forward]]:
+    """Split into at most two groups: short row forwards and long (window rebuild) ones."""
+    if not specs:
+        return []
+    threshold = 2 * max(1, min(len(sp.x) for sp in specs))
+    short = [sp for sp in specs if len(sp.x) <= threshold]
+    long = [sp for sp in specs if len(sp.x) > threshold]
+    return [g for g in (short, long) if g]

@@ -1,0 +1,242 @@
+"""`dfserve` command line: serve, api, worker, rollout, models, dataset, train, eval, bench.
+
+Each subcommand parses its flags and delegates to one function elsewhere; heavy imports
+(torch, fastapi) happen inside the subcommand so `dfserve --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from model.config import SAMPLERS, SCHEDULES
+
+log = logging.getLogger("dfserve")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:  # bad values from the user: one clear line, no traceback
+        print(f"dfserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfserve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="API + worker + embedded queue in one process")
+    _server_flags(p)
+    p.add_argument("--max-batch", type=int)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("api", help="the API alone, against DFSERVE_REDIS_URL")
+    _server_flags(p)
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("worker", help="one worker, against DFSERVE_REDIS_URL")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--max-batch", type=int)
+    p.add_argument("--model", help="bundle id or folder")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("rollout", help="generate a video from context frames and actions")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a dfserve server, e.g. http://127.0.0.1:8000")
+    where.add_argument("--local", action="store_true", help="run the engine in-process")
+    p.add_argument("--model", help="bundle id or folder (default: the packaged default)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--context", nargs="+", type=Path, help="context frames (PNG/JPEG)")
+    src.add_argument("--context-video", type=Path, help="context frames from a video")
+    src.add_argument("--example", help="a bundled example, see `dfserve models`")
+    p.add_argument("--actions", help="comma separated names or indices, one per frame")
+    p.add_argument("--frames", type=int)
+    p.add_argument("--schedule", choices=SCHEDULES)
+    p.add_argument("--sampler", choices=SAMPLERS)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--eta", type=float)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--chunk-size", type=int)
+    p.add_argument("--uncertainty-scale", type=float)
+    p.add_argument("--context-noise", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--api-key", help="Bearer key for --url (or DFSERVE_API_KEY)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="out.mp4, or a folder (ending in /) for 000.png, 001.png, ...")  # fmt: skip
+    p.set_defaults(func=cmd_rollout)
+
+    p = sub.add_parser("models", help="the bundles this installation can serve")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--models-dir", type=Path, action="append", default=[])
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("dataset", help="generate training data from a real environment")
+    p.add_argument("env", choices=["crafter"])
+    p.add_argument("--episodes", type=int, default=64)
+    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--seed-start", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_dataset)
+
+    p = sub.add_parser("train", help="train a world model (resumable)")
+    p.add_argument("--config", default="crafter-cpu", help="a preset name")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--heldout", type=Path, help="held-out data for examples")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--objective", choices=["diffusion_forcing", "teacher_forcing"],
+                   default="diffusion_forcing")  # fmt: skip
+    p.add_argument("--minutes", type=float, help="stop after this wall-clock budget")
+    p.add_argument("--steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device")
+    p.add_argument("--run-dir", type=Path, help="checkpoints and logs (default: OUT.run)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    p.add_argument("--seed", type=int, help="weight init, data order and noise (default 0)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a busy box)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="world-model metrics against the environment")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=Path("eval"))
+    p.add_argument("--episodes", type=int, default=16)
+    p.add_argument("--context", type=int, default=4)
+    p.add_argument("--schedule", choices=SCHEDULES)
+    p.add_argument("--sampler", choices=SAMPLERS)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--long-frames", type=int, default=1000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--eta", type=float)
+    p.add_argument("--chunk-size", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--uncertainty-scale", type=float)
+    p.add_argument("--context-noise", type=int, help="-1 = clean history (teacher forcing)")
+    p.add_argument("--context-noise-mode", choices=["relabel", "noised"])
+    p.add_argument("--windows", dest="windows_per_episode", type=int,
+                   help="rollout windows per held-out episode (default 2)")
+    p.add_argument("--fidelity-episodes", type=int, help="action-fidelity episodes (default 4)")
+    p.add_argument("--fidelity-frames", type=int, help="frames per action branch (default 8)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-batch", type=int, help="rollouts per forward pass (default 32)")
+    p.add_argument("--no-video", action="store_true", help="skip the MP4s")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a busy box)")
+    p.add_argument("--update-card", action="store_true",
+                   help="write the metrics into the bundle's README.md and eval_grid.png")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="the performance suite")
+    p.add_argument("--model")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quick", action="store_true", help="fewer frames, for CI")
+    p.add_argument("--engine-only", action="store_true", help="skip the service figures")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", help="bundle id or folder (default: the packaged default)")
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from server.settings import Settings
+
+    overrides = {
+        "model": getattr(args, "model", None),
+        "device": getattr(args, "device", None),
+        "max_batch": getattr(args, "max_batch", None),
+    }
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.serve import run_serve
+
+    run_serve(_settings(args), args.host, args.port)
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from server.serve import run_api
+
+    run_api(_settings(args), args.host, args.port)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from server.worker import run_worker
+
+    run_worker(_settings(args))
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from server.rollout_cli import run_local, run_remote
+
+    return run_remote(args) if args.url else run_local(args)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from model.bundle import describe, find_bundles, load_config
+
+    docs = [describe(load_config(p), p) for p in find_bundles(args.models_dir).values()]
+    if args.json:
+        print(json.dumps({"models": docs}, indent=2))
+        return 0
+    for d in docs:
+        print(f"{d['id']}: {d['resolution']}x{d['resolution']} @ {d['fps']} fps, window "
+              f"{d['n_frames']} frames, {len(d['actions'])} actions, "
+              f"examples: {', '.join(d['examples']) or '-'}")  # fmt: skip
+    if not docs:
+        print("no model bundles found")
+    return 0
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    from model.data.crafter import generate_dataset
+
+    out = generate_dataset(args.out, args.episodes, args.steps, args.seed_start, args.workers)
+    print(f"dataset written to {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from model.train import train_from_cli
+
+    return train_from_cli(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from model.evaluate import evaluate_from_cli
+
+    return evaluate_from_cli(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from server.bench import run_bench
+
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

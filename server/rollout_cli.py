@@ -1,0 +1,86 @@
+"""`dfserve rollout`: in-process (--local) or through a server (--url), same options."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server import video
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("schedule", "sampler", "steps", "eta", "guidance", "chunk_size",
+            "uncertainty_scale", "context_noise")  # fmt: skip
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def parse_actions(text: str | None) -> list[str | int] | None:
+    if not text:
+        return None
+    return [int(a) if a.strip().isdigit() else a.strip() for a in text.split(",") if a.strip()]
+
+
+def read_context(args: argparse.Namespace, resolution: int) -> np.ndarray | None:
+    """uint8 (K, R, R, 3) from --context images or --context-video; None for --example."""
+    if args.context:
+        frames = [video.decode_image(Path(p).read_bytes()) for p in args.context]
+    elif args.context_video:
+        frames = video.decode_video(Path(args.context_video).read_bytes())
+    else:
+        return None
+    return np.stack([video.resize_frame(f, resolution) for f in frames])
+
+
+def write_output(frames: list[np.ndarray], out: Path, fps: int) -> None:
+    if str(out).endswith(os.sep) or out.is_dir() or not out.suffix:
+        out.mkdir(parents=True, exist_ok=True)
+        for i, frame in enumerate(frames):
+            (out / f"{i:03d}.png").write_bytes(video.encode_png(frame))
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(video.encode_mp4(frames, fps))
+
+
+def run_local(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from model.bundle import load_bundle, resolve_bundle
+    from model.request import prepare
+    from model.rollout import RolloutEngine
+
+    bundle = load_bundle(resolve_bundle(args.model))
+    context = read_context(args, bundle.config.network.resolution)
+    actions = parse_actions(args.actions)
+    context_actions: list[str | int] | None = None
+    if context is None:
+        examples = bundle.examples()
+        name = args.example or next(iter(examples), None)
+        if name not in examples:
+            raise ValueError(f"example: {name!r} is not one of {sorted(examples)}")
+        ex = examples[name]
+        context, context_actions = ex.context, list(ex.context_actions)
+        actions = actions or list(ex.actions)
+    prepared = prepare(bundle.config, context, actions, args.frames, sampling_overrides(args),
+                       args.seed, context_actions)  # fmt: skip
+    for note in prepared.notes:
+        print(f"note: {note}")
+    engine = RolloutEngine(bundle, device=args.device)
+    frames = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task("rolling out", total=prepared.request.frames)
+        for _, frame in engine.rollout(prepared.request):
+            frames.append(video.frames_to_uint8(frame.cpu()))
+            progress.advance(task)
+    write_output(frames, args.output, bundle.config.data.fps)
+    print(f"{len(frames)} frames written to {args.output}")
+    return 0
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    from clients.remote_cli import run_remote as remote
+
+    return remote(args)

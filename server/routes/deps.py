@@ -1,0 +1,120 @@
+"""What the routers share: the model catalog, the API error type, `Annotated` dependencies."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends
+from starlette.requests import HTTPConnection
+
+from model.bundle import Example, describe, load_config, load_examples
+from model.config import CONTEXT_NOISE_MODES, SAMPLERS, SCHEDULES, BundleConfig
+from server.inputs import InputError
+from server.queue import Queue
+from server.settings import Settings
+
+
+class ApiError(Exception):
+    """A 4xx answer: {detail: {field, message, accepted?}}."""
+
+    def __init__(self, status: int, field: str | None, message: str, accepted: Any = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+        self.accepted, self.headers = accepted, headers
+
+    def body(self) -> dict[str, Any]:
+        detail: dict[str, Any] = {"field": self.field, "message": self.message}
+        if self.accepted is not None:
+            detail["accepted"] = self.accepted
+        return {"detail": detail}
+
+
+_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*): (.*)$", re.S)
+
+
+def value_error(e: ValueError, config: BundleConfig | None = None, status: int = 422) -> ApiError:
+    """Map a ValueError whose message starts with "field: " (model/, video, inputs) to a 4xx
+    naming that field and, where a fixed set exists, its accepted values."""
+    if isinstance(e, InputError):
+        return ApiError(status, e.field, e.message, e.accepted)
+    m = _FIELD.match(str(e))
+    name, message = (m.group(1), m.group(2)) if m else (None, str(e))
+    return ApiError(status, name, message, accepted_values(name, config))
+
+
+def accepted_values(name: str | None, config: BundleConfig | None) -> Any:
+    fixed: dict[str, Any] = {"schedule": list(SCHEDULES), "sampler": list(SAMPLERS),
+                             "context_noise_mode": list(CONTEXT_NOISE_MODES)}
+    if config is not None:
+        actions = list(config.data.action_names) or f"0..{config.network.n_actions - 1}"
+        fixed |= {"actions": actions, "context_actions": actions}
+    return fixed.get(name or "")
+
+
+@dataclass
+class Catalog:
+    """The bundles this API serves (configs only: the API never loads weights)."""
+
+    paths: dict[str, Path]
+    default: str
+    configs: dict[str, BundleConfig] = field(default_factory=dict)
+    _examples: dict[str, dict[str, Example]] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Catalog:
+        paths = settings.bundles()
+        default, path = settings.default_model(paths)
+        paths.setdefault(default, path)
+        return cls(paths, default, {k: load_config(p) for k, p in paths.items()})
+
+    def config(self, model_id: str | None) -> tuple[str, BundleConfig]:
+        model_id = model_id or self.default
+        if model_id not in self.configs:
+            raise ApiError(422, "model", f"{model_id!r} is not a model this server serves",
+                           sorted(self.configs))
+        return model_id, self.configs[model_id]
+
+    def describe(self, model_id: str) -> dict[str, Any]:
+        doc = describe(self.configs[model_id], self.paths[model_id])
+        return {**doc, "id": model_id, "default": model_id == self.default}
+
+    def examples(self, model_id: str) -> dict[str, Example]:
+        if model_id not in self._examples:
+            self._examples[model_id] = load_examples(self.configs[model_id], self.paths[model_id])
+        return self._examples[model_id]
+
+
+OWNER_SCOPE = "dfserve.owner"  # set by server.auth.AuthMiddleware: the caller's owner id
+
+
+def get_owner(conn: HTTPConnection) -> str | None:
+    """The caller's owner id (a hash of its API key), or None when auth is off."""
+    return conn.scope.get(OWNER_SCOPE)
+
+
+def check_owner(job_owner: str | None, owner: str | None, job_id: str) -> None:
+    """403 unless the caller may see this job (with auth on, only its owner may)."""
+    if owner is not None and job_owner != owner:
+        raise ApiError(403, "id", f"rollout {job_id!r} belongs to another API key")
+
+
+def get_settings(conn: HTTPConnection) -> Settings:
+    return conn.app.state.settings
+
+
+def get_queue(conn: HTTPConnection) -> Queue:
+    return conn.app.state.queue
+
+
+def get_catalog(conn: HTTPConnection) -> Catalog:
+    return conn.app.state.catalog
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+QueueDep = Annotated[Queue, Depends(get_queue)]
+CatalogDep = Annotated[Catalog, Depends(get_catalog)]
+OwnerDep = Annotated[str | None, Depends(get_owner)]

@@ -1,0 +1,24 @@
+"""/v1/models: the bundles this server serves, described from their configs (no weights)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.routes.deps import ApiError, CatalogDep
+from server.schemas import ErrorBody, ModelInfo, ModelList
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", response_model=ModelList)
+def list_models(catalog: CatalogDep) -> ModelList:
+    models = [ModelInfo(**catalog.describe(m)) for m in sorted(catalog.configs)]
+    return ModelList(default=catalog.default, models=models)
+
+
+@router.get("/{model_id}", response_model=ModelInfo, responses={404: {"model": ErrorBody}})
+def get_model(model_id: str, catalog: CatalogDep) -> ModelInfo:
+    if model_id not in catalog.configs:
+        raise ApiError(404, "model", f"{model_id!r} is not a model this server serves",
+                       sorted(catalog.configs))
+    return ModelInfo(**catalog.describe(model_id))

@@ -1,0 +1,409 @@
+"""/v1/rollouts: submit, inspect, download, cancel and stream rollout jobs (DESIGN §3).
+
+Route functions that only call the synchronous Queue are sync (FastAPI runs them in its
+threadpool). POST is async because it reads a JSON or multipart body itself; its decoding and
+validation (images, torch ops in prepare) then run in the threadpool. The WebSocket reads
+frames from Redis (queue.events, blocking reads in a thread), never from a worker's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response, WebSocket
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.websockets import WebSocketDisconnect
+
+from model.bundle import action_index
+from model.request import SAMPLING_FIELDS, prepare
+from server import video
+from server.inputs import InputError, Upload, decode_context, encode_context
+from server.queue import Job, JobStatus, Queue, QueueFull
+from server.routes.deps import (
+    ApiError,
+    Catalog,
+    CatalogDep,
+    OwnerDep,
+    QueueDep,
+    SettingsDep,
+    accepted_values,
+    check_owner,
+    value_error,
+)
+from server.schemas import (
+    ErrorBody,
+    Links,
+    Progress,
+    RolloutCreated,
+    RolloutParams,
+    RolloutStatus,
+)
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
+
+MAX_FPS = 120
+STREAM_BLOCK_MS = 1000  # one blocking read; between reads the socket's liveness is checked
+STREAM_COUNT = 64  # events per read (frames carry their PNGs)
+WAIT_POLL_S = 0.05  # ?wait=true: how often the job and the client's connection are checked
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 415, 422, 429, 503)}
+
+_BODY_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": RolloutParams.model_json_schema()},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "params": {"type": "string", "description": "RolloutParams as JSON"},
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "context images and/or videos, in order"}}}},
+}}}  # fmt: skip
+
+
+def links(job_id: str) -> Links:
+    base = f"/v1/rollouts/{job_id}"
+    return Links(self=base, video=f"{base}/video", stream=f"{base}/stream",
+                 frames=f"{base}/frames/{{i}}")
+
+
+def _not_found(job_id: str) -> ApiError:
+    return ApiError(404, "id", f"no rollout {job_id!r} (unknown, or expired after the job TTL)")
+
+
+def _own_job(queue: Queue, job_id: str, owner: str | None) -> Job:
+    """The job, if it exists and the caller may see it (404 / 403 otherwise)."""
+    job = queue.get(job_id)
+    if job is None:
+        raise _not_found(job_id)
+    check_owner(job.owner, owner, job_id)
+    return job
+
+
+def _notes(job: Job) -> list[str]:
+    return [*job.params.get("notes", []), *job.notes]
+
+
+def effective_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The stored job params as the client sees them: the context as a count, not pixels."""
+    view = {k: v for k, v in params.items() if k not in ("context", "sampling", "notes")}
+    return {**view, "context_frames": len(params.get("context", [])),
+            **params.get("sampling", {})}
+
+
+def status_doc(job: Job) -> RolloutStatus:
+    return RolloutStatus(
+        id=job.id, status=job.status,
+        progress=Progress(frames_done=job.frames_done, frames_total=job.frames_total),
+        queue_position=job.queue_position, created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at, error=job.error,
+        worker=job.worker, params=effective_params(job.params), notes=_notes(job),
+        links=links(job.id),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- submit
+
+
+@router.post("", status_code=202, response_model=RolloutCreated, openapi_extra=_BODY_DOC,
+             responses={**ERRORS, 200: {"content": {"video/mp4": {}},
+                                        "description": "with ?wait=true: the finished MP4"}})
+async def create_rollout(
+    request: Request,
+    settings: SettingsDep,
+    queue: QueueDep,
+    catalog: CatalogDep,
+    owner: OwnerDep,
+    wait: Annotated[bool, Query(description="block until done and return the MP4")] = False,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Any:
+    """Queue a rollout. JSON body, or multipart with image/video files plus a `params` field."""
+    params, files = await _read_body(request)
+    job, notes = await run_in_threadpool(_submit, params, files, settings, queue, catalog,
+                                         idempotency_key, owner)
+    created = RolloutCreated(id=job.id, status=job.status, queue_position=job.queue_position,
+                             links=links(job.id), notes=notes)
+    if not wait:
+        return created
+    final = await _wait(request, queue, job.id, settings.wait_timeout_s)
+    if final is None or not final.status.terminal:  # timed out: the job goes on
+        return JSONResponse(created.model_dump(mode="json"), status_code=202,
+                            headers={"Location": created.links.self})
+    if final.status is JobStatus.succeeded and (mp4 := await run_in_threadpool(
+            queue.video, job.id)):  # fmt: skip
+        return Response(mp4, media_type="video/mp4",
+                        headers={"Location": created.links.self, "X-Rollout-Id": job.id})
+    raise ApiError(409, None, f"rollout {job.id} {final.status.value}: {final.error or ''}",
+                   headers={"Location": created.links.self})
+
+
+async def _read_body(request: Request) -> tuple[RolloutParams, list[Upload]]:
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if kind == "multipart/form-data":
+        files: list[Upload] = []
+        raw = "{}"
+        async with request.form(max_files=256, max_fields=8) as form:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    files.append(Upload(value.filename or "", value.content_type or "",
+                                        await value.read()))
+                elif key == "params":
+                    raw = value
+                else:
+                    raise ApiError(422, key, "unknown form field", ["params", "files"])
+        return _parse(raw), files
+    if kind != "application/json":
+        raise ApiError(415, "content-type", f"{kind!r} is not supported",
+                       ["application/json", "multipart/form-data"])
+    return _parse(await request.body()), []
+
+
+def _parse(raw: str | bytes) -> RolloutParams:
+    try:
+        return RolloutParams.model_validate_json(raw or b"{}")
+    except ValidationError as e:
+        raise validation_error(e.errors(include_url=False)) from None
+
+
+def validation_error(errors: Any) -> ApiError:
+    """pydantic/FastAPI validation errors -> the API's error shape, naming the first field."""
+    errors = list(errors)
+    first: dict[str, Any] = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    # Union members add their type name to loc (actions.0.int); drop those.
+    loc = [p for p in loc if p not in ("int", "str", "float", "bool", "list[str]")]
+    field = ".".join(loc) or None
+    accepted = None
+    if first.get("type") == "extra_forbidden":
+        accepted = sorted(RolloutParams.model_fields)
+        message = "unknown field"
+    elif first.get("type") == "json_invalid":
+        message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+    else:
+        message = f"{first.get('msg')} (got {first.get('input')!r})"[:500]
+    return ApiError(422, field, message, accepted)
+
+
+def _submit(params: RolloutParams, files: list[Upload], settings: Settings, queue: Queue,
+            catalog: Catalog, idempotency_key: str | None,
+            owner: str | None = None) -> tuple[Job, list[str]]:
+    model_id, config = catalog.config(params.model)
+    _check_limits(params, files, settings)
+    try:
+        ctx = decode_context(
+            config, context=params.context, context_video=params.context_video,
+            example=params.example, files=files, examples=lambda: catalog.examples(model_id),
+            max_pixels=settings.max_image_pixels)  # fmt: skip
+        # A random seed when none is given, stored with the job: a re-run after a crash, or a
+        # client reading the effective params, reproduces the same frames.
+        seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
+        for a in params.context_actions or []:  # model/ reports these as "actions"
+            try:
+                action_index(config, a)
+            except ValueError as e:
+                raise InputError("context_actions", str(e).partition(": ")[2],
+                                 accepted_values("actions", config)) from None
+        prepared = prepare(
+            config, ctx.frames,
+            actions=params.actions if params.actions is not None else ctx.actions,
+            frames=params.frames,
+            sampling={k: getattr(params, k) for k in SAMPLING_FIELDS},
+            seed=seed,
+            context_actions=(params.context_actions if params.context_actions is not None
+                             else ctx.context_actions),
+            max_frames=settings.max_frames)  # fmt: skip
+    except ValueError as e:
+        raise value_error(e, config) from None
+    fps = config.data.fps if params.fps is None else params.fps
+    if not 1 <= fps <= MAX_FPS:
+        raise ApiError(422, "fps", f"{fps} is outside [1, {MAX_FPS}]")
+    req = prepared.request
+    stored = {
+        "model": model_id,
+        "context": encode_context(ctx.frames[-len(req.context):]),  # trimmed as prepare did
+        "context_actions": list(req.context_actions) if req.context_actions else None,
+        "actions": list(req.actions),
+        "frames": req.frames,
+        "sampling": asdict(req.sampling),
+        "seed": req.seed,
+        "fps": fps,
+        "notes": list(prepared.notes),
+    }
+    try:
+        job = queue.submit(stored, req.frames, owner=owner, idempotency_key=idempotency_key)
+    except QueueFull as e:
+        raise ApiError(429, None, str(e), headers={"Retry-After": "5"}) from None
+    return job, _notes(job)
+
+
+def _check_limits(params: RolloutParams, files: list[Upload], settings: Settings) -> None:
+    """The server's own limits, checked before any decoding (the bundle adds its own)."""
+    if params.steps is not None and params.steps > settings.max_steps:
+        raise ApiError(422, "steps", f"{params.steps} is above this server's limit of "
+                       f"{settings.max_steps}", f"1..{settings.max_steps}")
+    for name, given in (("context", len(params.context or [])), ("files", len(files))):
+        if given > settings.max_context_frames:
+            raise ApiError(422, name, f"{given} context frames; this server accepts at most "
+                           f"{settings.max_context_frames}", f"1..{settings.max_context_frames}")
+
+
+async def _wait(request: Request, queue: Queue, job_id: str, timeout_s: float) -> Job | None:
+    """Poll the job until it ends or the timeout passes. A client that disconnects while
+    waiting cancels its job, so a running rollout frees its batch slot within one row."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        job = await run_in_threadpool(queue.get, job_id)
+        if job is None or job.status.terminal or loop.time() >= deadline:
+            return job
+        if await request.is_disconnected():
+            log.info("the ?wait=true client of job %s left: cancelling it", job_id)
+            return await run_in_threadpool(queue.cancel, job_id)
+        await asyncio.sleep(WAIT_POLL_S)
+
+
+# ------------------------------------------------------------------------------- inspect
+
+
+@router.get("/{rollout_id}", response_model=RolloutStatus, responses=ERRORS)
+def get_rollout(rollout_id: str, queue: QueueDep, owner: OwnerDep) -> RolloutStatus:
+    return status_doc(_own_job(queue, rollout_id, owner))
+
+
+@router.delete("/{rollout_id}", response_model=RolloutStatus, responses=ERRORS)
+def cancel_rollout(rollout_id: str, queue: QueueDep, owner: OwnerDep) -> RolloutStatus:
+    """Cancel: a queued job never runs; a running one stops within one denoising row."""
+    _own_job(queue, rollout_id, owner)
+    job = queue.cancel(rollout_id)
+    if job is None:
+        raise _not_found(rollout_id)
+    return status_doc(job)
+
+
+@router.get("/{rollout_id}/video", response_class=Response,
+            responses={**ERRORS, 200: {"content": {"video/mp4": {}}}})
+def get_video(rollout_id: str, queue: QueueDep, owner: OwnerDep) -> Response:
+    """The MP4 (H.264, yuv420p, faststart); 409 while the job is not finished."""
+    job = _own_job(queue, rollout_id, owner)
+    if job.status is not JobStatus.succeeded:
+        what = (f"{job.frames_done}/{job.frames_total} frames" if not job.status.terminal
+                else job.error or "no video")
+        raise ApiError(409, None, f"the video is not available: the rollout is "
+                       f"{job.status.value} ({what})", headers={"Retry-After": "1"})
+    mp4 = queue.video(rollout_id)
+    if mp4 is None:
+        raise ApiError(404, "id", "the video has expired")
+    return Response(mp4, media_type="video/mp4",
+                    headers={"Content-Disposition": f'inline; filename="{rollout_id}.mp4"'})
+
+
+@router.get("/{rollout_id}/frames/{index}", response_class=Response,
+            responses={**ERRORS, 200: {"content": {"image/png": {}}}})
+def get_frame(rollout_id: str, index: int, queue: QueueDep, owner: OwnerDep) -> Response:
+    """One generated frame as PNG, as soon as it is clean."""
+    if owner is not None:
+        _own_job(queue, rollout_id, owner)
+    png = queue.frame_png(rollout_id, index)
+    if png is not None:
+        return Response(png, media_type="image/png")
+    job = queue.get(rollout_id)
+    if job is None:
+        raise _not_found(rollout_id)
+    if not 0 <= index < job.frames_total:
+        raise ApiError(404, "index", f"{index} is out of range", f"0..{job.frames_total - 1}")
+    raise ApiError(409, "index", f"frame {index} is not generated (the rollout is "
+                   f"{job.status.value}, {job.frames_done} frames done)",
+                   headers={"Retry-After": "1"})  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- stream
+
+
+@router.websocket("/{rollout_id}/stream")
+async def stream(
+    ws: WebSocket,
+    rollout_id: str,
+    queue: QueueDep,
+    owner: OwnerDep,
+    after: Annotated[int, Query(ge=-1, description="last frame index already seen")] = -1,
+    fmt: Annotated[str, Query(alias="format", description="jpeg or png")] = "jpeg",
+) -> None:
+    """Control messages as JSON; per frame a JSON header {type: frame, index} and then one
+    binary message (the image); {type: done, status, error?} last, then close."""
+    await ws.accept()
+    job = await run_in_threadpool(queue.get, rollout_id)
+    if job is not None and owner is not None and job.owner != owner:
+        err = ApiError(403, "id", f"rollout {rollout_id!r} belongs to another API key")
+        await ws.send_json({"type": "error", **err.body()})
+        await ws.close(code=4403)
+        return
+    if job is None or fmt not in ("jpeg", "png"):
+        err = _not_found(rollout_id) if job is None else ApiError(
+            422, "format", f"{fmt!r} is not supported", ["jpeg", "png"])
+        await ws.send_json({"type": "error", **err.body()})
+        await ws.close(code=4404 if job is None else 1008)
+        return
+    gone = asyncio.Event()
+    watcher = asyncio.create_task(_watch_disconnect(ws, gone))
+    try:
+        await _pump(ws, queue, job, after, fmt, gone)
+    except (WebSocketDisconnect, RuntimeError):  # the client left mid-send
+        pass
+    finally:
+        watcher.cancel()
+
+
+async def _watch_disconnect(ws: WebSocket, gone: asyncio.Event) -> None:
+    try:
+        while (await ws.receive())["type"] != "websocket.disconnect":
+            pass  # clients have nothing to say on this socket
+    finally:
+        gone.set()
+
+
+async def _pump(ws: WebSocket, queue: Queue, job: Job, after: int, fmt: str,
+                gone: asyncio.Event) -> None:
+    total, position, cursor = job.frames_total, job.queue_position, None
+    if job.status is JobStatus.queued:
+        await ws.send_json({"type": "queued", "position": position})
+    while not gone.is_set():
+        events = await run_in_threadpool(queue.events, job.id, after, STREAM_BLOCK_MS, cursor,
+                                         STREAM_COUNT)
+        if not events:  # nothing new: tell a queued client where it stands
+            now = await run_in_threadpool(queue.get, job.id)
+            if now is None:
+                await ws.send_json({"type": "error", **_not_found(job.id).body()})
+                break
+            if now.status is JobStatus.queued and now.queue_position != position:
+                position = now.queue_position
+                await ws.send_json({"type": "queued", "position": position})
+            continue
+        for ev in events:
+            cursor = ev.id
+            if ev.type == "started":
+                await ws.send_json({"type": "started", "worker": ev.data.get("worker")})
+            elif ev.type == "frame" and ev.png is not None and ev.index is not None:
+                image = ev.png if fmt == "png" else await run_in_threadpool(_jpeg, ev.png)
+                await ws.send_json({"type": "frame", "index": ev.index})
+                await ws.send_bytes(image)
+                await ws.send_json({"type": "progress", "frames_done": ev.index + 1,
+                                    "frames_total": total})
+            elif ev.type == "done":
+                status = ev.status.value if ev.status else None
+                extra = {k: ev.data.get(k) for k in ("error", "frames_done")}
+                await ws.send_json({"type": "done", "status": status,
+                                    **{k: v for k, v in extra.items() if v is not None}})
+                with contextlib.suppress(RuntimeError):
+                    await ws.close()
+                return
+
+
+def _jpeg(png: bytes) -> bytes:
+    return video.encode_jpeg(video.decode_image(png))
+

@@ -1,0 +1,145 @@
+"""Request and response models of the HTTP API (DESIGN §3).
+
+Requests are strict: unknown fields and wrong JSON types are refused (422 naming the field)
+rather than silently coerced, so a typo such as `stpes` never runs a default rollout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.queue import JobStatus
+
+Action = int | str
+
+
+class RolloutParams(BaseModel):
+    """POST /v1/rollouts body (or the `params` field of a multipart request)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, description="model id; default: the server's default model")
+    context: list[str] | None = Field(None, description="context frames, base64 PNG/JPEG")
+    context_video: str | None = Field(None, description="context frames from a base64 video")
+    example: str | None = Field(None, description="a bundled example (context + actions)")
+    context_actions: list[Action] | None = Field(
+        None, description="the actions that produced the context frames (names or indices)")
+    actions: list[Action] | None = Field(
+        None, description="one per generated frame (names or indices); repeated cyclically")
+    frames: int | None = Field(None, description="frames to generate; default len(actions)")
+    schedule: str | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    eta: float | None = None
+    uncertainty_scale: float | None = None
+    chunk_size: int | None = None
+    guidance: float | None = None
+    context_noise: int | None = None
+    context_noise_mode: str | None = None
+    seed: int | None = Field(None, description="default: a random seed, stored with the job")
+    fps: int | None = Field(None, description="frame rate of the MP4; default: the model's")
+
+
+class SessionStart(BaseModel):
+    """The first message of WS /v1/sessions: {"type": "start", ...}. Like RolloutParams, less
+    the per-rollout fields (actions, frames come one `action` message at a time)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: str = Field("start", pattern="^start$")
+    model: str | None = Field(None, description="model id; default: the server's default model")
+    context: list[str] | None = Field(None, description="context frames, base64 PNG/JPEG")
+    context_video: str | None = Field(None, description="context frames from a base64 video")
+    example: str | None = Field(None, description="a bundled example (its context)")
+    context_actions: list[Action] | None = None
+    schedule: str | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    eta: float | None = None
+    uncertainty_scale: float | None = None
+    chunk_size: int | None = Field(None, description="default 1: each action answered at once")
+    guidance: float | None = None
+    context_noise: int | None = None
+    context_noise_mode: str | None = None
+    seed: int | None = Field(None, description="default: a random seed")
+    format: str = Field("jpeg", description="image format of frames: jpeg or png")
+
+
+class Links(BaseModel):
+    self: str
+    video: str
+    stream: str
+    frames: str
+
+
+class Progress(BaseModel):
+    frames_done: int
+    frames_total: int
+
+
+class RolloutCreated(BaseModel):
+    id: str
+    status: JobStatus
+    queue_position: int | None
+    links: Links
+    notes: list[str]
+
+
+class RolloutStatus(BaseModel):
+    id: str
+    status: JobStatus
+    progress: Progress
+    queue_position: int | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    worker: str | None
+    params: dict[str, Any] = Field(description="the effective parameters, defaults filled in")
+    notes: list[str]
+    links: Links
+
+
+class ModelInfo(BaseModel):
+    id: str
+    default: bool
+    resolution: int
+    channels: int
+    fps: int
+    n_frames: int
+    context_length: int
+    max_context_frames: int
+    max_rollout_frames: int
+    actions: list[str]
+    schedules: list[str]
+    samplers: list[str]
+    defaults: dict[str, Any]
+    examples: list[str]
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class ErrorDetail(BaseModel):
+    field: str | None
+    message: str
+    accepted: Any = None
+
+
+class ErrorBody(BaseModel):
+    detail: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    ready: bool
+    redis: bool
+    workers: list[dict[str, Any]]
+    reason: str | None = None

@@ -1,0 +1,100 @@
+"""`dfserve serve` (API + worker thread + embedded queue, one process) and `dfserve api`.
+
+Embedded mode (no DFSERVE_REDIS_URL): one fakeredis FakeServer, with separate clients for the
+API and the worker thread, runs the very same queue code as production Redis. With a URL,
+`serve` runs the API and one worker thread against that Redis (more workers may join).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+import uvicorn
+
+from server.app import create_app
+from server.queue import Queue, connect
+from server.settings import Settings
+from server.worker import build_worker
+
+log = logging.getLogger(__name__)
+
+
+def run_serve(settings: Settings, host: str, port: int) -> None:
+    fake_server = None
+    if settings.redis_url is None:
+        import fakeredis
+
+        fake_server = fakeredis.FakeServer()
+        log.info("no DFSERVE_REDIS_URL: using the embedded in-process queue")
+    api_queue = Queue(connect(settings.redis_url, fake_server), **settings.queue_options())
+    worker_queue = Queue(connect(settings.redis_url, fake_server), **settings.queue_options())
+    app = create_app(settings, api_queue)  # resolves the model first: fails before any thread
+    stop = threading.Event()
+    failed: list[BaseException] = []
+    # Load the weights before serving: a malformed bundle ends `serve` at once with one line
+    # (ValueError naming the bundle, printed by the CLI), not after the API came up.
+    worker = build_worker(settings, worker_queue, stop)
+
+    def work() -> None:
+        try:
+            worker.run()
+        except BaseException as e:  # a worker that cannot start makes the server useless
+            failed.append(e)
+            log.exception("the worker thread died")
+            server.should_exit = True
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None,
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=work, name="dfserve-worker", daemon=True)
+    thread.start()
+    _exit_quietly_on_signals()
+    try:
+        server.run()
+    finally:
+        stop.set()  # uvicorn handled SIGINT/SIGTERM: the worker releases its jobs and ends
+        thread.join(timeout=30)
+    if failed:
+        raise RuntimeError(f"the worker failed: {failed[0]}") from failed[0]
+
+
+def run_api(settings: Settings, host: str, port: int) -> None:
+    if not settings.redis_url:
+        raise ValueError("redis_url: `dfserve api` needs DFSERVE_REDIS_URL (a Redis shared with "
+                         "the workers); `dfserve serve` runs everything in one process")
+    app = create_app(settings)
+    _exit_quietly_on_signals()
+    uvicorn.run(app, host=host, port=port, log_config=None)
+
+
+def _exit_quietly_on_signals() -> None:
+    """uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then re-raises the signal to
+    the handlers that were there before it started. Make those no-ops, so that after the
+    shutdown the process goes on to stop its worker and exits 0 instead of dying by signal."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """`python -m server.serve [--api] [--host H] [--port P] [--model M] ...`."""
+    parser = argparse.ArgumentParser(prog="python -m server.serve")
+    parser.add_argument("--api", action="store_true", help="the API alone")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model")
+    parser.add_argument("--device")
+    parser.add_argument("--max-batch", type=int)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {"model": args.model, "device": args.device, "max_batch": args.max_batch}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    (run_api if args.api else run_serve)(settings, args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Server-side sessions (WS /v1/sessions), below the socket: the queue's session keys and the
+worker's handling of a session job, tick by tick on a fakeredis queue."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import fakeredis
+import numpy as np
+import pytest
+import torch
+
+from model.bundle import Bundle
+from model.request import prepare
+from model.rollout import RolloutEngine
+from server import video
+from server.inputs import encode_context
+from server.queue import JobStatus, Queue
+from server.settings import Settings
+from server.worker import Worker
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fake() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+def make_worker(fake: fakeredis.FakeServer, bundle: Bundle, **settings: Any) -> Worker:
+    s = Settings(**{"device": "cpu", "max_batch": 2, "worker_name": f"w{id(settings)}",
+                    **settings})
+    return Worker(s, Queue(fakeredis.FakeRedis(server=fake), **s.queue_options()), bundle)
+
+
+def session_params(bundle: Bundle, seed: int = 3) -> dict[str, Any]:
+    """What the API stores for a session (sessions.py `_open`)."""
+    ex = bundle.examples()["random"]
+    req = prepare(bundle.config, ex.context, None, 1, {"steps": 3, "chunk_size": 1}, seed,
+                  list(ex.context_actions)).request
+    return {"model": bundle.name, "context": encode_context(ex.context),
+            "context_actions": list(ex.context_actions), "actions": [], "frames": 0,
+            "sampling": dataclasses.asdict(req.sampling), "seed": seed, "fps": 8}
+
+
+def all_up_front(bundle: Bundle, actions: list[int], seed: int = 3) -> np.ndarray:
+    ex = bundle.examples()["random"]
+    req = prepare(bundle.config, ex.context, actions, len(actions),
+                  {"steps": 3, "chunk_size": 1}, seed, list(ex.context_actions)).request
+    return np.stack([video.frames_to_uint8(x) for _, x in RolloutEngine(bundle).rollout(req)])
+
+
+def frames_of(q: Queue, job_id: str) -> list[np.ndarray]:
+    events = [e for e in q.events(job_id) if e.type == "frame"]
+    assert [e.index for e in events] == list(range(len(events)))
+    return [video.decode_image(e.png) for e in events if e.png]
+
+
+def tick_until(w: Worker, done: Any, limit: int = 2000) -> None:
+    for _ in range(limit):
+        w.tick()
+        if done():
+            return
+    raise AssertionError("the worker did not get there")
+
+
+def test_queue_session_keys(fake: Any) -> None:
+    q = Queue(fakeredis.FakeRedis(server=fake), job_ttl_s=60)
+    job = q.submit_session({"model": "tiny"})
+    assert job.params["kind"] == "session" and job.frames_total == 0
+    assert q.read_actions({job.id: "0-0"}) == {}
+    assert q.push_actions(job.id, [1, 2]) == 2 and q.push_actions(job.id, [3]) == 3
+    new = q.read_actions({job.id: "0-0", "other": "0-0"})
+    actions, cursor = new[job.id]
+    assert actions == [1, 2, 3] and set(new) == {job.id}
+    assert q.read_actions({job.id: cursor}) == {}
+    t0 = time.monotonic()
+    assert q.read_actions({job.id: cursor}, block_ms=100) == {}
+    assert time.monotonic() - t0 >= 0.09  # waited
+    assert q.get(job.id).frames_total == 3
+    q.cancel(job.id)  # queued: ends at once, and the action stream gets the job TTL
+    assert q.get(job.id).status is JobStatus.cancelled
+    assert 0 < q.redis.ttl(q.keys.actions(job.id)) <= 60
+
+
+def test_worker_plays_a_session_like_an_all_up_front_rollout(fake: Any,
+                                                             tiny_bundle: Bundle) -> None:
+    w = make_worker(fake, tiny_bundle)
+    job = w.queue.submit_session(session_params(tiny_bundle))
+    w.tick()
+    (live,) = w.live
+    assert live.session is not None and live.state is None  # waiting for its first action
+    for _ in range(5):  # idle: nothing is stepped, nothing published, no busy loop
+        t0 = time.monotonic()
+        w.tick()
+        assert time.monotonic() - t0 >= 0.015
+    assert frames_of(w.queue, job.id) == []
+    actions = [1, 3, 3, 2, 0, 1, 2]
+    w.queue.push_actions(job.id, actions[:1])
+    tick_until(w, lambda: len(frames_of(w.queue, job.id)) == 1)
+    w.queue.push_actions(job.id, actions[1:4])
+    tick_until(w, lambda: len(frames_of(w.queue, job.id)) == 4)
+    for a in actions[4:]:  # one at a time, as a player would
+        w.queue.push_actions(job.id, [a])
+    tick_until(w, lambda: len(frames_of(w.queue, job.id)) == len(actions))
+    got = np.stack(frames_of(w.queue, job.id))
+    assert np.array_equal(got, all_up_front(tiny_bundle, actions))
+    assert w.live == [live] and w.queue.get(job.id).status is JobStatus.running
+    assert live.frames == []  # a session keeps no frames for an MP4
+    # The client leaves: the API cancels, the slot is free after one tick.
+    w.queue.cancel(job.id)
+    w.tick()
+    assert w.live == [] and w.queue.get(job.id).status is JobStatus.cancelled
+
+
+def test_a_session_and_a_rollout_share_the_batch(fake: Any, tiny_bundle: Bundle) -> None:
+    w = make_worker(fake, tiny_bundle)
+    session = w.queue.submit_session(session_params(tiny_bundle))
+    p = {**session_params(tiny_bundle), "actions": [1, 2, 3], "frames": 3, "notes": []}
+    rollout = w.queue.submit(p, 3)
+    w.queue.push_actions(session.id, [1, 2, 3])
+    tick_until(w, lambda: w.queue.get(rollout.id).status.terminal)
+    assert w.queue.get(rollout.id).status is JobStatus.succeeded
+    tick_until(w, lambda: len(frames_of(w.queue, session.id)) == 3)
+    # Same context, actions and seed: the session's frames are the rollout's.
+    assert np.array_equal(np.stack(frames_of(w.queue, session.id)),
+                          np.stack(frames_of(w.queue, rollout.id)))
+
+
+def test_idle_sessions_end(fake: Any, tiny_bundle: Bundle) -> None:
+    w = make_worker(fake, tiny_bundle, session_idle_s=0.3)
+    job = w.queue.submit_session(session_params(tiny_bundle))
+    w.queue.push_actions(job.id, [1])
+    tick_until(w, lambda: len(frames_of(w.queue, job.id)) == 1)
+    t0 = time.monotonic()
+    tick_until(w, lambda: not w.live)
+    assert time.monotonic() - t0 >= 0.25
+    doc = w.queue.get(job.id)
+    assert doc.status is JobStatus.cancelled and "idle" in (doc.error or "")
+
+
+def test_a_released_session_is_replayed_without_duplicates(fake: Any,
+                                                           tiny_bundle: Bundle) -> None:
+    """Graceful shutdown hands the session back; the next worker replays the action stream
+    from the stored seed and publishes only the frames that were missing."""
+    first = make_worker(fake, tiny_bundle)
+    job = first.queue.submit_session(session_params(tiny_bundle))
+    first.queue.push_actions(job.id, [1, 3])
+    tick_until(first, lambda: len(frames_of(first.queue, job.id)) == 2)
+    first.shutdown()
+    first.queue.push_actions(job.id, [2, 2])
+    second = make_worker(fake, tiny_bundle)
+    tick_until(second, lambda: len(frames_of(second.queue, job.id)) == 4)
+    got = np.stack(frames_of(second.queue, job.id))
+    assert np.array_equal(got, all_up_front(tiny_bundle, [1, 3, 2, 2]))
+    assert any("released" in note for note in second.queue.get(job.id).notes)
+
+
+def test_a_bad_session_fails_alone(fake: Any, tiny_bundle: Bundle) -> None:
+    w = make_worker(fake, tiny_bundle)
+    job = w.queue.submit_session({**session_params(tiny_bundle), "model": "other"})
+    w.tick()
+    doc = w.queue.get(job.id)
+    assert doc.status is JobStatus.failed and "model" in (doc.error or "")
+    assert w.live == []

@@ -1,0 +1,156 @@
+"""The rollout engine: KV cache exactness, causality, determinism, batch independence."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.bundle import Bundle
+from model.config import SCHEDULES, SamplingConfig
+from model.rollout import KVCache, RolloutEngine, RolloutRequest
+
+TOL = 1e-5  # float32 reduction-order noise is ~1e-6; any real semantic difference is larger
+
+
+def make_request(bundle: Bundle, frames: int = 14, seed: int = 0, **sampling) -> RolloutRequest:
+    g = torch.Generator().manual_seed(seed + 100)
+    r = bundle.config.network.resolution
+    context = torch.rand(2, 3, r, r, generator=g) * 2 - 1
+    actions = tuple(int(a) for a in torch.randint(0, 4, (frames,), generator=g))
+    base = dataclasses.replace(bundle.config.sampling, **sampling)
+    return RolloutRequest(context, actions, base, seed=seed)
+
+
+def run(bundle: Bundle, request: RolloutRequest, use_cache: bool = True) -> torch.Tensor:
+    frames = list(RolloutEngine(bundle, use_cache=use_cache).rollout(request))
+    assert [i for i, _ in frames] == list(range(request.frames))
+    return torch.stack([f for _, f in frames])
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
+def test_cache_equals_recompute_across_window_slides(tiny_bundle, schedule, sampler):
+    # 2 context + 14 frames with chunk 3 in a window of 8: the history slides five times
+    request = make_request(tiny_bundle, schedule=schedule, sampler=sampler, eta=0.7)
+    cached, recomputed = run(tiny_bundle, request, True), run(tiny_bundle, request, False)
+    torch.testing.assert_close(cached, recomputed, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["relabel", "noised"])
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_cache_equals_recompute_context_modes_and_guidance(tiny_bundle, mode, guidance):
+    request = make_request(tiny_bundle, context_noise_mode=mode, guidance=guidance, chunk_size=2)
+    torch.testing.assert_close(
+        run(tiny_bundle, request, True), run(tiny_bundle, request, False), atol=TOL, rtol=0
+    )
+
+
+def test_a_stale_rolling_cache_would_be_caught(tiny_bundle, monkeypatch):
+    """Guard against a test that cannot fail: a rolling cache that drops the oldest frames
+    when the window slides but keeps the other keys (computed with a longer history, as the
+    real-time demos do) must give different frames from the recompute reference."""
+    n = tiny_bundle.config.network.tokens_per_frame
+
+    def roll_without_recompute(cache: KVCache, start: int) -> None:
+        drop = (start - cache.start) * n
+        kept = (cache.end - cache.start) * n - drop
+        cache.keys[:, :kept] = cache.keys[:, drop : drop + kept].clone()
+        cache.values[:, :kept] = cache.values[:, drop : drop + kept].clone()
+        cache.start = start
+
+    request = make_request(tiny_bundle)
+    monkeypatch.setattr(KVCache, "reset", roll_without_recompute)
+    stale = run(tiny_bundle, request, True)
+    monkeypatch.undo()
+    assert (stale - run(tiny_bundle, request, False)).abs().max() > 5 * TOL
+
+
+def test_same_seed_same_frames_and_other_seed_differs(tiny_bundle):
+    a = run(tiny_bundle, make_request(tiny_bundle, seed=5))
+    b = run(tiny_bundle, make_request(tiny_bundle, seed=5))
+    assert torch.equal(a, b)
+    c = run(tiny_bundle, make_request(tiny_bundle, seed=6))
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_batched_at_different_stages_equals_alone(tiny_bundle):
+    requests = [
+        make_request(tiny_bundle, frames=9, seed=1, sampler="ddpm"),
+        make_request(tiny_bundle, frames=5, seed=2, schedule="autoregressive", steps=3),
+        make_request(tiny_bundle, frames=12, seed=3, schedule="trapezoid", guidance=2.0),
+    ]
+    alone = [run(tiny_bundle, r) for r in requests]
+    engine = RolloutEngine(tiny_bundle)
+    states, outputs = [], [[] for _ in requests]
+    # rollout k joins after 3k rows: the batch mixes rollouts at different rows and chunks
+    for row in range(200):
+        if row % 3 == 0 and len(states) < len(requests):
+            states.append(engine.start(requests[len(states)]))
+        for k, frames in enumerate(engine.step(states)):
+            outputs[k].extend(f for _, f in frames)
+        if len(states) == len(requests) and all(s.done for s in states):
+            break
+    for k, expected in enumerate(alone):
+        torch.testing.assert_close(torch.stack(outputs[k]), expected, atol=TOL, rtol=0)
+
+
+def test_changing_a_later_action_never_changes_earlier_frames(tiny_bundle):
+    request = make_request(tiny_bundle, frames=10, sampler="ddpm", eta=1.0)
+    base = run(tiny_bundle, request)
+    for k in (1, 4, 8):
+        actions = list(request.actions)
+        actions[k] = (actions[k] + 1) % 4
+        changed = run(tiny_bundle, dataclasses.replace(request, actions=tuple(actions)))
+        assert torch.equal(changed[:k], base[:k]), f"frames before {k} changed"
+        assert (changed[k] - base[k]).abs().max() > 1e-4, f"action {k} had no effect"
+
+
+def test_frames_are_finite_and_in_range_for_long_rollouts(tiny_bundle):
+    frames = run(tiny_bundle, make_request(tiny_bundle, frames=40, chunk_size=4))
+    assert torch.isfinite(frames).all()
+    assert frames.shape == (40, 3, 16, 16)
+
+
+def test_validation_names_the_field(tiny_bundle):
+    engine = RolloutEngine(tiny_bundle)
+    bad = {"schedule": "zigzag", "sampler": "euler", "steps": 0, "chunk_size": 8, "eta": 2.0}
+    for field, value in bad.items():
+        with pytest.raises(ValueError, match=field):
+            engine.start(make_request(tiny_bundle, **{field: value}))
+    request = make_request(tiny_bundle)
+    with pytest.raises(ValueError, match="actions"):
+        engine.start(dataclasses.replace(request, actions=(0, 9)))
+    with pytest.raises(ValueError, match="context"):
+        engine.start(dataclasses.replace(request, context=torch.zeros(7, 3, 16, 16)))
+
+
+def test_sampling_config_defaults_are_valid(tiny_bundle):
+    SamplingConfig().validate(16, 1000)
+    tiny_bundle.config.sampling.validate(8, 1000)
+
+
+def test_extending_action_by_action_equals_all_actions_up_front(tiny_bundle):
+    """Interactive play: with chunk_size 1, frames generated as actions arrive one at a time
+    equal the frames of the same rollout with every action known from the start."""
+    request = make_request(tiny_bundle, frames=9, chunk_size=1, sampler="ddpm")
+    expected = run(tiny_bundle, request)
+    engine = RolloutEngine(tiny_bundle)
+    state = engine.start(dataclasses.replace(request, actions=request.actions[:1]))
+    got = []
+    for k in range(request.frames):
+        if k:
+            engine.extend(state, [request.actions[k]])
+        while len(got) <= k:
+            got.extend(f for _, f in engine.step([state])[0])
+    torch.testing.assert_close(torch.stack(got), expected, atol=TOL, rtol=0)
+
+
+def test_long_rollouts_keep_only_the_window_in_memory(tiny_bundle):
+    engine = RolloutEngine(tiny_bundle)
+    state = engine.start(make_request(tiny_bundle, frames=60))
+    while not state.done:
+        engine.step([state])
+        assert len(state.clean) <= tiny_bundle.config.network.max_frames
+    assert state.dropped > 40
