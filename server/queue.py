@@ -241,6 +241,11 @@ class Queue:
             return job
         if job.status is JobStatus.running:
             self.redis.set(self.keys.cancel(job_id), 1, ex=self._pending_ttl_s)
+            # It may have ended between our read and the flag (finalize deletes the flag, so
+            # only this order can leave one behind): clear the flag of a finished job.
+            after = self.get(job_id)
+            if after is None or after.status.terminal:
+                self.redis.delete(self.keys.cancel(job_id))
             log.info("cancel requested for running job %s", job_id)
         elif not self._finalize(job_id, None, JobStatus.cancelled, expect=JobStatus.queued):
             return self.cancel(job_id)  # it started meanwhile: flag it instead
