@@ -34,6 +34,11 @@ class NetworkConfig:
     # DIAMOND): copying and shifting the last frame becomes a local, per-patch function
     # instead of something attention must learn. Still block-causal (t sees t-1).
     frame_skip: bool = False
+    # With frame_skip and x0-prediction: the output is residual + gate * previous frame's
+    # input, with a learned per-pixel gate in (0, 1). Static pixels (the inventory, a noop)
+    # are copied exactly instead of squeezed through the width-D token bottleneck, so the
+    # network spends its capacity on what changes.
+    copy_gate: bool = False
 
     @property
     def tokens_per_frame(self) -> int:
@@ -162,7 +167,7 @@ PRESETS: dict[str, BundleConfig] = {
         name="tiny",
         network=NetworkConfig(
             resolution=16, patch_size=4, width=32, depth=2, heads=2, n_actions=4, max_frames=8,
-            frame_skip=True,
+            frame_skip=True, copy_gate=True,
         ),
         data=DataConfig(env="synthetic", fps=8, n_frames=8, context_length=2,
                         action_names=("noop", "left", "right", "up")),
@@ -177,7 +182,8 @@ PRESETS: dict[str, BundleConfig] = {
     # subspace (rank 128 keeps all but 2e-4 of Crafter's patch variance).
     "crafter-cpu": BundleConfig(
         name="crafter-cpu",
-        network=NetworkConfig(width=128, depth=4, heads=4, max_frames=8, frame_skip=True),
+        network=NetworkConfig(width=128, depth=4, heads=4, max_frames=8, frame_skip=True,
+                              copy_gate=True),
         diffusion=DiffusionConfig(objective="x0"),
         data=dataclasses.replace(_CRAFTER_DATA, n_frames=8),
         sampling=SamplingConfig(steps=8, chunk_size=4),

@@ -145,7 +145,10 @@ class CausalVideoDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         final_ada = nn.Linear(D, 2 * D)
-        self.final = nn.Linear(D, P * P * C)
+        if cfg.copy_gate and not cfg.frame_skip:
+            raise ValueError("network: copy_gate needs frame_skip (it gates the previous frame)")
+        gate = P * P if cfg.copy_gate else 0  # one gate logit per pixel
+        self.final = nn.Linear(D, P * P * C + gate)
         for layer in (final_ada, self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -189,6 +192,7 @@ class CausalVideoDiT(nn.Module):
         if frame_valid is None:
             frame_valid = torch.ones(B, A, dtype=torch.bool, device=x.device)
         patches = self.patchify(x)  # (B, A, N, P*P*C)
+        previous = None
         if self.cfg.frame_skip:
             first = torch.zeros_like(x[:, 0]) if before is None else before
             previous = torch.cat([first[:, None], x[:, :-1]], dim=1)  # (B, A, C, R, R)
@@ -207,8 +211,19 @@ class CausalVideoDiT(nn.Module):
             new_keys.append(k)
             new_values.append(v)
         shift, scale = self.final_ada(cond)[:, :, None, :].chunk(2, dim=-1)
-        out = self.final(modulate(self.final_norm(h), shift, scale))  # (B, A, N, P*P*C)
+        out = self.final(modulate(self.final_norm(h), shift, scale))  # (B, A, N, P*P*C[+P*P])
+        if previous is not None and self.cfg.copy_gate:
+            return self.gated_copy(out, previous), new_keys, new_values
         return self.unpatchify(out), new_keys, new_values
+
+    def gated_copy(self, out: Tensor, previous: Tensor) -> Tensor:
+        """residual + sigmoid(gate) * previous, per pixel (the gate is shared by channels)."""
+        P, C, R = self.cfg.patch_size, self.cfg.channels, self.cfg.resolution
+        residual, gate_logits = out.split([P * P * C, P * P], dim=-1)
+        B, A, N, _ = gate_logits.shape
+        gate = gate_logits.view(B, A, N, P * P, 1).expand(B, A, N, P * P, C)
+        gate = self.unpatchify(gate.reshape(B, A, N, P * P * C))
+        return self.unpatchify(residual) + torch.sigmoid(gate) * previous
 
     def attention_mask(self, frame_valid: Tensor, cache: BatchKV | None) -> Tensor:
         """(B, 1, A*N, K + A*N) bool: cached tokens (all earlier) + block-causal active ones."""
