@@ -26,6 +26,7 @@ test: $(STAMP)
 	@# the web tests drive Debian's Chromium (Playwright cannot download browsers here)
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy model server clients
 	mkdir -p artifacts
 	$(VENV)/bin/pytest -q -rs --junitxml=artifacts/junit.xml $(PYTEST_ARGS)
 

@@ -140,7 +140,7 @@ def horizon_metrics(pred: Tensor, truth: Tensor, last_context: Tensor) -> dict[s
         if h > pred.shape[1]:
             continue
         truth_h = truth[:, h - 1]
-        row = {}
+        row: dict[str, Any] = {}
         for name, guess in (("model", pred[:, h - 1]), ("copy_last", last_context)):
             mse = mse_per_frame(guess, truth_h)
             row[name] = {
@@ -403,7 +403,7 @@ def write_grid(path: Path, truth: Tensor, pred: Tensor, last_ctx: Tensor, scale:
         rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))  # gap between windows
     grid = np.concatenate(rows[:-1], axis=0)
     img = Image.fromarray(grid)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(path)
 
 
 def _pad(frame: np.ndarray, width: int = 1) -> np.ndarray:

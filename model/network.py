@@ -218,7 +218,7 @@ class CausalVideoDiT(nn.Module):
 
     def gated_copy(self, out: Tensor, previous: Tensor) -> Tensor:
         """residual + sigmoid(gate) * previous, per pixel (the gate is shared by channels)."""
-        P, C, R = self.cfg.patch_size, self.cfg.channels, self.cfg.resolution
+        P, C = self.cfg.patch_size, self.cfg.channels
         residual, gate_logits = out.split([P * P * C, P * P], dim=-1)
         B, A, N, _ = gate_logits.shape
         gate = gate_logits.view(B, A, N, P * P, 1).expand(B, A, N, P * P, C)
