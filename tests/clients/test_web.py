@@ -6,7 +6,6 @@ Playwright), against a real `dfserve serve` process. Screenshots go to artifacts
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,8 +87,6 @@ def test_rollout_streams_to_the_canvas_and_downloads(page: Page, tmp_path: Path)
     expect(tid("cancel")).to_be_disabled()
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "rollout.png"))
-    (ROOT / "docs").mkdir(exist_ok=True)
-    shutil.copyfile(SHOTS / "rollout.png", ROOT / "docs" / "screenshot.png")
 
     with page.expect_download() as download:
         tid("download").click()
