@@ -139,6 +139,27 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
+class _StreamParser:
+    """Turns the rollout stream's messages into events: a frame's JSON header and the binary
+    image after it become one `frame` event with `image`; an `error` message raises."""
+
+    def __init__(self, as_: str) -> None:
+        self.as_ = as_
+        self.header: dict[str, Any] | None = None
+
+    def feed(self, msg: str | bytes) -> dict[str, Any] | None:
+        if isinstance(msg, bytes):
+            header, self.header = self.header, None
+            return None if header is None else {**header, "image": decode_image(msg, self.as_)}
+        doc = json.loads(msg)
+        if doc["type"] == "error":
+            raise _stream_error(doc)
+        if doc["type"] == "frame":
+            self.header = doc
+            return None
+        return dict(doc)
+
+
 def _stream_error(doc: dict[str, Any]) -> DfserveError:
     """An {"type": "error"} message of a WebSocket as the matching exception."""
     detail = doc.get("detail") or {}
@@ -367,25 +388,17 @@ class Rollout:
                                       format=format)  # fmt: skip
             try:
                 with self.client._ws(url) as ws:
-                    header = None
+                    parser = _StreamParser(as_)
                     while True:
-                        msg = ws.recv(timeout=timeout)
+                        event = parser.feed(ws.recv(timeout=timeout))
                         attempt = 0
-                        if isinstance(msg, bytes):
-                            if header is not None:
-                                after = header["index"]
-                                yield {**header, "image": decode_image(msg, as_)}
-                                header = None
+                        if event is None:
                             continue
-                        doc = json.loads(msg)
-                        if doc["type"] == "frame":
-                            header = doc
-                        elif doc["type"] == "error":
-                            raise _stream_error(doc)
-                        else:
-                            yield doc
-                            if doc["type"] == "done":
-                                return
+                        if "image" in event:
+                            after = event["index"]
+                        yield event
+                        if event["type"] == "done":
+                            return
             except (ConnectionClosed, OSError, TimeoutError, InvalidStatus) as e:
                 if isinstance(e, InvalidStatus):  # refused at the handshake (401, 404, ...)
                     raise _error(e.response.status_code, e.response.body.decode(
@@ -601,25 +614,17 @@ class AsyncRollout:
                                       format=format)  # fmt: skip
             try:
                 async with self.client._ws(url) as ws:
-                    header = None
+                    parser = _StreamParser(as_)
                     while True:
-                        msg = await asyncio.wait_for(ws.recv(), timeout)
+                        event = parser.feed(await asyncio.wait_for(ws.recv(), timeout))
                         attempt = 0
-                        if isinstance(msg, bytes):
-                            if header is not None:
-                                after = header["index"]
-                                yield {**header, "image": decode_image(msg, as_)}
-                                header = None
+                        if event is None:
                             continue
-                        doc = json.loads(msg)
-                        if doc["type"] == "frame":
-                            header = doc
-                        elif doc["type"] == "error":
-                            raise _stream_error(doc)
-                        else:
-                            yield doc
-                            if doc["type"] == "done":
-                                return
+                        if "image" in event:
+                            after = event["index"]
+                        yield event
+                        if event["type"] == "done":
+                            return
             except (ConnectionClosed, OSError, TimeoutError, InvalidStatus) as e:
                 if isinstance(e, InvalidStatus):
                     raise _error(e.response.status_code, e.response.body.decode(

@@ -7,12 +7,9 @@ API and the worker thread, runs the very same queue code as production Redis. Wi
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
-import sys
 import threading
-from typing import Any
 
 import uvicorn
 
@@ -77,24 +74,3 @@ def _exit_quietly_on_signals() -> None:
     shutdown the process goes on to stop its worker and exits 0 instead of dying by signal."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-
-
-def main(argv: list[str] | None = None) -> Any:
-    """`python -m server.serve [--api] [--host H] [--port P] [--model M] ...`."""
-    parser = argparse.ArgumentParser(prog="python -m server.serve")
-    parser.add_argument("--api", action="store_true", help="the API alone")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model")
-    parser.add_argument("--device")
-    parser.add_argument("--max-batch", type=int)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {"model": args.model, "device": args.device, "max_batch": args.max_batch}
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    (run_api if args.api else run_serve)(settings, args.host, args.port)
-
-
-if __name__ == "__main__":
-    main()

@@ -19,16 +19,13 @@ the stored seed; frames already published are not published twice) and the worke
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import numpy as np
 import redis
@@ -303,20 +300,3 @@ def run_worker(settings: Settings) -> None:
         signal.signal(sig, lambda *_: stop.set())
     queue = Queue(connect(settings.redis_url), **settings.queue_options())
     build_worker(settings, queue, stop).run()
-
-
-def main(argv: list[str] | None = None) -> Any:
-    """`python -m server.worker [--model M] [--device D] [--max-batch N]`."""
-    parser = argparse.ArgumentParser(prog="python -m server.worker")
-    parser.add_argument("--model")
-    parser.add_argument("--device")
-    parser.add_argument("--max-batch", type=int)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {"model": args.model, "device": args.device, "max_batch": args.max_batch}
-    run_worker(Settings(**{k: v for k, v in overrides.items() if v is not None}))
-
-
-if __name__ == "__main__":
-    main()

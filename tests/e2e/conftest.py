@@ -31,13 +31,8 @@ def free_port() -> int:
 
 
 def dfserve_cmd(*args: str) -> list[str]:
-    """`dfserve ARGS`, or the module entry points while the CLI is not installed."""
-    if DFSERVE.exists():
-        return [str(DFSERVE), *args]
-    if args[0] == "worker":
-        return [sys.executable, "-m", "server.worker", *args[1:]]
-    api = ["--api"] if args[0] == "api" else []
-    return [sys.executable, "-m", "server.serve", *api, *args[1:]]
+    """`dfserve ARGS` from this venv (installed by `make`)."""
+    return [str(DFSERVE), *args]
 
 
 class Proc:
