@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -50,6 +49,7 @@ from model.bundle import build_network, save_bundle, save_example
 from model.config import BundleConfig, TrainConfig, preset, train_preset
 from model.data.shards import NO_ACTION, Episode, load_episodes, load_meta, random_windows
 from model.diffusion import NoiseSchedule
+from model.hardware import hardware
 from model.network import CausalVideoDiT
 
 log = logging.getLogger(__name__)
@@ -432,20 +432,6 @@ def _check_dataset_actions(config: BundleConfig, meta: dict[str, Any]) -> None:
 def _last_logged_loss(path: Path) -> float | None:
     rows = list(csv.DictReader(path.open()))
     return float(rows[-1]["loss"]) if rows else None
-
-
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"1x {torch.cuda.get_device_name(device)}"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{torch.get_num_threads()} CPU threads ({os.cpu_count()} cores visible), {name}"
 
 
 def _data_summary(data: Path, heldout: Path | None) -> dict[str, Any]:

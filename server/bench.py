@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,14 +19,8 @@ from typing import Any
 import torch
 
 from model.bundle import Bundle, load_bundle, resolve_bundle
+from model.hardware import hardware
 from model.rollout import RolloutEngine, RolloutRequest
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cores = torch.get_num_threads()
-    return f"CPU {platform.processor() or platform.machine()}, {cores} threads"
 
 
 def make_request(bundle: Bundle, frames: int, seed: int = 0, **sampling: Any) -> RolloutRequest:
@@ -140,7 +133,7 @@ def run_bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = resolve_bundle(args.model)
     bundle = load_bundle(path)
-    report: dict[str, Any] = {"device": device_name(device), "model": bundle.name}
+    report: dict[str, Any] = {"device": hardware(device), "model": bundle.name}
     report["defaults"] = {
         "schedule": bundle.config.sampling.schedule,
         "sampler": bundle.config.sampling.sampler,

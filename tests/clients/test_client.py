@@ -27,9 +27,13 @@ from clients import (
     Unauthorized,
 )
 from clients.client import Rollout
+from model.bundle import find_bundles
 from server import video
 from tests.clients.conftest import Server
 from tests.e2e.conftest import DFSERVE
+
+# The packaged bundles are always served, beside the test server's `tiny` default.
+SERVED_MODELS = sorted({*find_bundles(), "tiny"})
 
 
 @pytest.fixture
@@ -40,8 +44,10 @@ def client(server: Server) -> Any:
 
 
 def test_models(client: Client) -> None:
-    (tiny,) = client.models()
-    assert tiny["id"] == "tiny" and tiny["actions"] == ["noop", "left", "right", "up"]
+    models = {m["id"]: m for m in client.models()}
+    assert sorted(models) == SERVED_MODELS
+    tiny = models["tiny"]
+    assert tiny["actions"] == ["noop", "left", "right", "up"]
     assert client.model("tiny")["examples"] == ["random"]
 
 
@@ -253,7 +259,7 @@ def test_backoff_auth_and_server_errors_with_a_fake_transport() -> None:
 def test_async_client(server: Server) -> None:
     async def main() -> None:
         async with AsyncClient(server.url) as c:
-            assert [m["id"] for m in await c.models()] == ["tiny"]
+            assert sorted(m["id"] for m in await c.models()) == SERVED_MODELS
             r = await c.rollout(example="random", frames=5, seed=9)
             frames = [f async for f in r.frames()]
             assert len(frames) == 5 and np.array_equal(frames[2], await r.frame(2))

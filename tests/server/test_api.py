@@ -21,11 +21,15 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from model.bundle import find_bundles
 from server import video
 from server.app import create_app
 from server.queue import JobStatus, Queue
 from server.settings import Settings
 from server.worker import Worker, build_worker
+
+# The packaged bundles are always served, beside the test's own `tiny` default.
+SERVED_MODELS = sorted({*find_bundles(), "tiny"})
 
 REDIS_URL = os.environ.get("DFSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -370,12 +374,13 @@ def test_readyz_needs_a_warm_worker(api: Service) -> None:
 
 def test_models(api: Service) -> None:
     doc = api.client.get("/v1/models").json()
-    assert doc["default"] == "tiny" and [m["id"] for m in doc["models"]] == ["tiny"]
+    assert doc["default"] == "tiny"
+    assert sorted(m["id"] for m in doc["models"]) == SERVED_MODELS
     m = api.client.get("/v1/models/tiny").json()
     assert m["actions"] == ["noop", "left", "right", "up"] and m["examples"] == ["random"]
     assert m["resolution"] == 16 and m["defaults"]["steps"] == 4 and m["default"] is True
     r = api.client.get("/v1/models/nope")
-    assert r.status_code == 404 and r.json()["detail"]["accepted"] == ["tiny"]
+    assert r.status_code == 404 and r.json()["detail"]["accepted"] == SERVED_MODELS
     spec = api.client.get("/openapi.json").json()
     body = spec["paths"]["/v1/rollouts"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(body)
@@ -425,7 +430,7 @@ BAD_INPUTS: list[tuple[dict[str, Any], str | None, Any]] = [
     ({"schedule": "zigzag"}, "schedule", ["pyramid", "autoregressive", "full_sequence",
                                           "trapezoid"]),
     ({"sampler": "euler"}, "sampler", ["ddim", "ddpm", "dpmpp_2m"]),
-    ({"model": "nope"}, "model", ["tiny"]),
+    ({"model": "nope"}, "model", SERVED_MODELS),
     ({"actions": ["left", "jump"]}, "actions", ["noop", "left", "right", "up"]),
     ({"context_actions": ["fly", "noop"]}, "context_actions", ["noop", "left", "right", "up"]),
     ({"frames": 0}, "frames", None),
