@@ -163,7 +163,8 @@ def to_unit(x: Tensor) -> Tensor:
 
 def uint8_to_unit(frames: np.ndarray) -> Tensor:
     """uint8 (N, H, W, 3) -> float64 (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(frames).permute(0, 3, 1, 2).double() / 255.0
+    # shards are memory-mapped read-only; torch warns about (and must not write to) those
+    return torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).double() / 255.0
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
