@@ -160,6 +160,23 @@ class _StreamParser:
         return dict(doc)
 
 
+def _raise_unless_retryable(rollout_id: str, e: Exception, attempt: int, retries: int) -> None:
+    """A broken rollout stream: a refused handshake (401, 404, ...) is the API's typed error;
+    a dropped connection is retried (resuming after the last frame) until retries run out."""
+    if isinstance(e, InvalidStatus):
+        body = e.response.body.decode(errors="replace")
+        raise _error(e.response.status_code, body) from e
+    if attempt >= retries:
+        raise ServerError(f"stream of {rollout_id} lost: {e!r}") from e
+
+
+def _is_frame(event: dict[str, Any]) -> bool:
+    """Whether a stream event carries a frame; RolloutFailed when it says the rollout failed."""
+    if event["type"] == "done" and event.get("status") == "failed":
+        raise RolloutFailed(event.get("error") or "the rollout failed", body=event)
+    return bool(event["type"] == "frame")
+
+
 def _stream_error(doc: dict[str, Any]) -> DfserveError:
     """An {"type": "error"} message of a WebSocket as the matching exception."""
     detail = doc.get("detail") or {}
@@ -400,11 +417,7 @@ class Rollout:
                         if event["type"] == "done":
                             return
             except (ConnectionClosed, OSError, TimeoutError, InvalidStatus) as e:
-                if isinstance(e, InvalidStatus):  # refused at the handshake (401, 404, ...)
-                    raise _error(e.response.status_code, e.response.body.decode(
-                        errors="replace")) from e
-                if attempt >= self.client.retries:
-                    raise ServerError(f"stream of {self.id} lost: {e!r}") from e
+                _raise_unless_retryable(self.id, e, attempt, self.client.retries)
                 self.client._sleep(self.client._delay(attempt, None))
                 attempt += 1
 
@@ -413,10 +426,8 @@ class Rollout:
         """The generated frames in order (after `after`), each as soon as it is clean.
         Ends when the rollout ends; RolloutFailed if it failed."""
         for ev in self.events(format, after, as_, timeout):
-            if ev["type"] == "frame":
+            if _is_frame(ev):
                 yield ev["image"]
-            elif ev["type"] == "done" and ev.get("status") == "failed":
-                raise RolloutFailed(ev.get("error") or "the rollout failed", body=ev)
 
 
 class Session:
@@ -626,21 +637,15 @@ class AsyncRollout:
                         if event["type"] == "done":
                             return
             except (ConnectionClosed, OSError, TimeoutError, InvalidStatus) as e:
-                if isinstance(e, InvalidStatus):
-                    raise _error(e.response.status_code, e.response.body.decode(
-                        errors="replace")) from e
-                if attempt >= self.client.retries:
-                    raise ServerError(f"stream of {self.id} lost: {e!r}") from e
+                _raise_unless_retryable(self.id, e, attempt, self.client.retries)
                 await asyncio.sleep(self.client._delay(attempt, None))
                 attempt += 1
 
     async def frames(self, format: str = "png", as_: str = "numpy", after: int = -1,
                      timeout: float = 120.0) -> AsyncIterator[Any]:
         async for ev in self.events(format, after, as_, timeout):
-            if ev["type"] == "frame":
+            if _is_frame(ev):
                 yield ev["image"]
-            elif ev["type"] == "done" and ev.get("status") == "failed":
-                raise RolloutFailed(ev.get("error") or "the rollout failed", body=ev)
 
 
 class AsyncSession:

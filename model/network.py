@@ -198,7 +198,8 @@ class CausalVideoDiT(nn.Module):
             previous = torch.cat([first[:, None], x[:, :-1]], dim=1)  # (B, A, C, R, R)
             patches = torch.cat([patches, self.patchify(previous)], dim=-1)
         h = self.patch_embed(patches) + self.spatial_pos  # (B, A, N, D)
-        cond = self.level_mlp(level_embedding(levels, self.cfg.width, self.timesteps))
+        embedding = level_embedding(levels, self.cfg.width, self.timesteps).to(h.dtype)
+        cond = self.level_mlp(embedding)
         cond = cond + self.action_embed(actions)  # (B, A, D)
         token_pos = positions.repeat_interleave(N, dim=1)  # (B, A*N)
         rotation = rope_tables(token_pos, self.cfg.width // self.cfg.heads, self.cfg.rope_base,

@@ -118,6 +118,9 @@ class RolloutEngine:
         self.bundle = bundle
         self.device = torch.device(device)
         self.net = bundle.network.to(self.device).eval()
+        # frames, caches and padding follow the weights: float32 in service, float64 in the
+        # exactness tests (where cached == recomputed must hold far below float32 noise)
+        self.dtype = next(self.net.parameters()).dtype
         self.schedule = bundle.schedule
         self.cfg = bundle.config
         self.use_cache = use_cache
@@ -130,7 +133,7 @@ class RolloutEngine:
         frames (inputs + clean + chunk), and its share of a row's activations (the largest
         forward is a window rebuild: every frame, every layer's keys/values and MLP)."""
         n = self.cfg.network
-        word = torch.finfo(torch.float32).bits // 8
+        word = torch.finfo(self.dtype).bits // 8
         tokens = self.window * n.tokens_per_frame
         cache = 2 * n.depth * tokens * n.width * word
         frames = 3 * self.window * n.channels * n.resolution**2 * word
@@ -146,7 +149,7 @@ class RolloutEngine:
         self.validate(request)
         s = request.sampling
         gen = torch.Generator(device="cpu").manual_seed(request.seed)
-        context = request.context.to(self.device, torch.float32)
+        context = request.context.to(self.device, self.dtype)
         ctx_actions = request.context_actions or (self.net.null_action,) * len(context)
         inputs = [self._context_input(frame, s, gen) for frame in context]
         cache = None
@@ -388,7 +391,7 @@ class RolloutEngine:
     def _pad(self, group: list[_Forward], A: int) -> tuple[Tensor, ...]:
         B = len(group)
         frame_shape = group[0].x.shape[1:]
-        x = torch.zeros((B, A) + tuple(frame_shape), device=self.device)
+        x = torch.zeros((B, A) + tuple(frame_shape), device=self.device, dtype=self.dtype)
         levels = torch.full((B, A), -1, dtype=torch.long, device=self.device)
         actions = torch.full((B, A), self.net.null_action, dtype=torch.long, device=self.device)
         positions = torch.zeros((B, A), dtype=torch.long, device=self.device)
@@ -425,7 +428,8 @@ class RolloutEngine:
         cache = sp.state.cache
         if cache is None or not sp.use_cache:
             net = self.cfg.network
-            return torch.zeros(K, net.heads, net.width // net.heads, device=self.device)
+            head_dim = net.width // net.heads
+            return torch.zeros(K, net.heads, head_dim, device=self.device, dtype=self.dtype)
         return (cache.keys if which == 0 else cache.values)[layer, :K]
 
     def _commit(self, sp: _Forward, keys: list[Tensor], values: list[Tensor]) -> None:
