@@ -22,6 +22,8 @@ from websockets.sync.client import connect
 from model.bundle import Bundle
 from model.rollout import RolloutEngine
 from server.bench import make_request, run_concurrent, timed
+from server.serve import embedded_torch_threads
+from server.settings import Settings
 
 
 def _free_port() -> int:
@@ -76,7 +78,9 @@ def stream_rollout(url: str, body: dict[str, Any]) -> tuple[float, float, int]:
 
 
 def service_figures(path: Path, bundle: Bundle, quick: bool) -> dict[str, Any]:
-    frames = 16 if quick else 48
+    """Time to first frame (median of several, warm) and the service's streaming speed against
+    the bare engine's on the same rollout with the same torch threads (medians of 3)."""
+    frames = 16 if quick else 96
     examples = sorted(bundle.examples())
     body: dict[str, Any] = {"frames": frames, "seed": 0}
     if examples:
@@ -84,11 +88,29 @@ def service_figures(path: Path, bundle: Bundle, quick: bool) -> dict[str, Any]:
     with serving(path) as url:
         stream_rollout(url, {**body, "frames": 2})  # warm-up
         ttffs = [stream_rollout(url, {**body, "frames": 2})[0] for _ in range(3 if quick else 5)]
-        _, total, got = stream_rollout(url, body)
-    engine = RolloutEngine(bundle, torch.device("cpu"))
-    bare = timed(lambda: run_concurrent(engine, [make_request(bundle, frames)]), engine.device)
+        service_fps = []
+        for _ in range(3):
+            _, total, got = stream_rollout(url, body)
+            service_fps.append(got / total)
+    threads = embedded_torch_threads(Settings()) or torch.get_num_threads()
+    bare_fps = _bare_engine_fps(bundle, frames, threads)
     return {
         "ttff_ms": 1000 * statistics.median(ttffs),
-        "service_fps": got / total,
-        "api_overhead": (got / total) / (frames / bare),
+        "service_fps": statistics.median(service_fps),
+        "service_torch_threads": threads,
+        "api_overhead": statistics.median(service_fps) / bare_fps,
     }
+
+
+def _bare_engine_fps(bundle: Bundle, frames: int, threads: int) -> float:
+    """The engine alone, with the threads the service's worker uses (median of 3, warm)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        engine = RolloutEngine(bundle, torch.device("cpu"))
+        run_concurrent(engine, [make_request(bundle, 4)])  # warm-up
+        runs = [timed(lambda: run_concurrent(engine, [make_request(bundle, frames)]),
+                      engine.device) for _ in range(3)]  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    return frames / statistics.median(runs)

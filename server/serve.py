@@ -8,6 +8,7 @@ API and the worker thread, runs the very same queue code as production Redis. Wi
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -20,8 +21,22 @@ from server.worker import build_worker
 
 log = logging.getLogger(__name__)
 
+# Frames go out as PNG/JPEG, already compressed: per-message deflate would spend the API's CPU
+# (and the GIL the embedded worker needs) compressing them again for nothing.
+WS_DEFLATE = False
+
+
+def embedded_torch_threads(settings: Settings) -> int | None:
+    """Torch threads for the worker inside `dfserve serve`: on a CPU, one core fewer than the
+    machine has, so the API thread in the same process is not fighting the model's threads
+    for cores (on 2 cores, 1 thread streams faster than 2). DFSERVE_TORCH_THREADS wins."""
+    if settings.torch_threads or settings.resolved_device() != "cpu":
+        return settings.torch_threads
+    return max(1, (os.cpu_count() or 1) - 1)
+
 
 def run_serve(settings: Settings, host: str, port: int) -> None:
+    settings = settings.model_copy(update={"torch_threads": embedded_torch_threads(settings)})
     fake_server = None
     if settings.redis_url is None:
         import fakeredis
@@ -45,8 +60,9 @@ def run_serve(settings: Settings, host: str, port: int) -> None:
             log.exception("the worker thread died")
             server.should_exit = True
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None,
-                                           timeout_graceful_shutdown=5))
+    config = uvicorn.Config(app, host=host, port=port, log_config=None,
+                            timeout_graceful_shutdown=5, ws_per_message_deflate=WS_DEFLATE)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=work, name="dfserve-worker", daemon=True)
     thread.start()
     _exit_quietly_on_signals()
@@ -65,7 +81,7 @@ def run_api(settings: Settings, host: str, port: int) -> None:
                          "the workers); `dfserve serve` runs everything in one process")
     app = create_app(settings)
     _exit_quietly_on_signals()
-    uvicorn.run(app, host=host, port=port, log_config=None)
+    uvicorn.run(app, host=host, port=port, log_config=None, ws_per_message_deflate=WS_DEFLATE)
 
 
 def _exit_quietly_on_signals() -> None:
