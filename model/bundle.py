@@ -126,10 +126,10 @@ def load_bundle(path: str | Path, dtype: torch.dtype = torch.float32) -> Bundle:
     network = build_network(config)
     try:
         state = load_file(str(weights))
-        network.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+        network.load_state_dict(state)  # copied into float32 parameters, whatever was stored
     except (RuntimeError, OSError, SafetensorError) as e:  # bad header, shape mismatch
         raise ValueError(f"model bundle {path}: weights do not load: {e}") from e
-    return Bundle(config=config, network=network.eval(), path=path)
+    return Bundle(config=config, network=network.to(dtype).eval(), path=path)
 
 
 def save_bundle(

@@ -118,9 +118,12 @@ class RolloutEngine:
         self.bundle = bundle
         self.device = torch.device(device)
         self.net = bundle.network.to(self.device).eval()
-        # frames, caches and padding follow the weights: float32 in service, float64 in the
-        # exactness tests (where cached == recomputed must hold far below float32 noise)
-        self.dtype = next(self.net.parameters()).dtype
+        # The network runs in its weights' dtype (bfloat16/float16 for speed, float32, or
+        # float64 in the exactness tests); its KV caches are kept in that dtype. The sampler's
+        # state (noisy frames, x0, the dpmpp_2m history) stays at least float32: rounding it
+        # to 8 bits of mantissa at every row would compound over a long rollout.
+        self.net_dtype = next(self.net.parameters()).dtype
+        self.dtype = torch.float64 if self.net_dtype == torch.float64 else torch.float32
         self.schedule = bundle.schedule
         self.cfg = bundle.config
         self.use_cache = use_cache
@@ -133,7 +136,7 @@ class RolloutEngine:
         frames (inputs + clean + chunk), and its share of a row's activations (the largest
         forward is a window rebuild: every frame, every layer's keys/values and MLP)."""
         n = self.cfg.network
-        word = torch.finfo(self.dtype).bits // 8
+        word = torch.finfo(self.net_dtype).bits // 8
         tokens = self.window * n.tokens_per_frame
         cache = 2 * n.depth * tokens * n.width * word
         frames = 3 * self.window * n.channels * n.resolution**2 * word
@@ -156,7 +159,8 @@ class RolloutEngine:
         if self.use_cache:
             n = self.cfg.network
             tokens = self.window * n.tokens_per_frame
-            cache = KVCache(n.depth, tokens, n.heads, n.width // n.heads, context)
+            like = context.to(self.net_dtype)
+            cache = KVCache(n.depth, tokens, n.heads, n.width // n.heads, like)
         return RolloutState(
             request=request,
             generator=gen,
@@ -378,8 +382,9 @@ class RolloutEngine:
             if sp.before is not None:
                 before[b] = sp.before
         cache = self._batch_cache(group)
-        out, keys, values = self.net(x, levels, actions, positions, valid, cache, before)
-        x0 = self.schedule.to_x0(out, x, levels)
+        out, keys, values = self.net(x.to(self.net_dtype), levels, actions, positions, valid,
+                                     cache, before.to(self.net_dtype))  # fmt: skip
+        x0 = self.schedule.to_x0(out.to(self.dtype), x, levels)
         result = {}
         for b, sp in enumerate(group):
             n = len(sp.x)
@@ -429,7 +434,7 @@ class RolloutEngine:
         if cache is None or not sp.use_cache:
             net = self.cfg.network
             head_dim = net.width // net.heads
-            return torch.zeros(K, net.heads, head_dim, device=self.device, dtype=self.dtype)
+            return torch.zeros(K, net.heads, head_dim, device=self.device, dtype=self.net_dtype)
         return (cache.keys if which == 0 else cache.values)[layer, :K]
 
     def _commit(self, sp: _Forward, keys: list[Tensor], values: list[Tensor]) -> None:

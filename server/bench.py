@@ -90,7 +90,8 @@ def kv_cache_speedup_window16(bundle: Bundle, device: torch.device, frames: int)
     window (DESIGN §8 names 16; the CPU bundle's window is 8). Speed does not depend on the
     weights, so this times a randomly initialised copy; it says nothing about quality."""
     config = replace(bundle.config, network=replace(bundle.config.network, max_frames=16))
-    wide = Bundle(config, build_network(config).to(device).eval())
+    weights = next(bundle.network.parameters())
+    wide = Bundle(config, build_network(config).to(device, weights.dtype).eval())
     cached, recompute = RolloutEngine(wide, device), RolloutEngine(wide, device, False)
     request = make_request(bundle, frames)  # the same example and actions, a longer window
     run_concurrent(cached, [request])  # warm-up
@@ -145,9 +146,10 @@ _EQUAL_QUALITY_DB = 40.0
 
 def run_bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     path = resolve_bundle(args.model)
-    bundle = load_bundle(path)
-    report: dict[str, Any] = {"device": hardware(device), "model": bundle.name}
+    bundle = load_bundle(path, getattr(torch, dtype))
+    report: dict[str, Any] = {"device": hardware(device), "model": bundle.name, "dtype": dtype}
     report["defaults"] = {
         "schedule": bundle.config.sampling.schedule,
         "sampler": bundle.config.sampling.sampler,
@@ -159,7 +161,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if not args.engine_only:
         from server.bench_service import service_figures
 
-        report.update(service_figures(path, bundle, args.quick))
+        report.update(service_figures(path, bundle, dtype, args.quick))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -172,11 +174,12 @@ def print_table(report: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"dfserve bench — {report['model']} on {report['device']}")
+    table = Table(title=f"dfserve bench — {report['model']} ({report['dtype']}) on "
+                        f"{report['device']}")
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, value in report.items():
-        if key in ("device", "model"):
+        if key in ("device", "model", "dtype"):
             continue
         if isinstance(value, dict):
             for k, v in value.items():

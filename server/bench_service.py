@@ -33,12 +33,13 @@ def _free_port() -> int:
 
 
 @contextmanager
-def serving(model: Path) -> Iterator[str]:
+def serving(model: Path, dtype: str = "float32") -> Iterator[str]:
     """`dfserve serve` on a free port, ready (worker warmed up) when the block starts."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "DFSERVE_REDIS_URL"}  # embedded queue
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", str(model)],
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", str(model),
+         "--dtype", dtype],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -77,7 +78,7 @@ def stream_rollout(url: str, body: dict[str, Any]) -> tuple[float, float, int]:
     return first or float("nan"), time.perf_counter() - start, frames
 
 
-def service_figures(path: Path, bundle: Bundle, quick: bool) -> dict[str, Any]:
+def service_figures(path: Path, bundle: Bundle, dtype: str, quick: bool) -> dict[str, Any]:
     """Time to first frame (median of several, warm) and the service's streaming speed against
     the bare engine's on the same rollout with the same torch threads (medians of 3)."""
     frames = 16 if quick else 96
@@ -85,7 +86,7 @@ def service_figures(path: Path, bundle: Bundle, quick: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"frames": frames, "seed": 0}
     if examples:
         body["example"] = examples[0]
-    with serving(path) as url:
+    with serving(path, dtype) as url:
         stream_rollout(url, {**body, "frames": 2})  # warm-up
         ttffs = [stream_rollout(url, {**body, "frames": 2})[0] for _ in range(3 if quick else 5)]
         service_fps = []
@@ -107,7 +108,7 @@ def _bare_engine_fps(bundle: Bundle, frames: int, threads: int) -> float:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        engine = RolloutEngine(bundle, torch.device("cpu"))
+        engine = RolloutEngine(bundle, next(bundle.network.parameters()).device)
         run_concurrent(engine, [make_request(bundle, 4)])  # warm-up
         runs = [timed(lambda: run_concurrent(engine, [make_request(bundle, frames)]),
                       engine.device) for _ in range(3)]  # fmt: skip

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     _server_flags(p)
     p.add_argument("--max-batch", type=int)
     p.add_argument("--device")
+    p.add_argument("--dtype", choices=DTYPES, help="weights and KV caches (default: "
+                   "bfloat16 on a GPU, float32 on a CPU)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("api", help="the API alone, against DFSERVE_REDIS_URL")
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--max-batch", type=int)
     p.add_argument("--model", help="bundle id or folder")
+    p.add_argument("--dtype", choices=DTYPES, help="weights and KV caches (default: "
+                   "bfloat16 on a GPU, float32 on a CPU)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("rollout", help="generate a video from context frames and actions")
@@ -148,8 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer frames, for CI")
     p.add_argument("--engine-only", action="store_true", help="skip the service figures")
     p.add_argument("--device")
+    p.add_argument("--dtype", choices=DTYPES, help="weights and KV caches (default: "
+                   "bfloat16 on a GPU, float32 on a CPU)")
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:
@@ -165,6 +174,7 @@ def _settings(args: argparse.Namespace) -> Any:
         "model": getattr(args, "model", None),
         "device": getattr(args, "device", None),
         "max_batch": getattr(args, "max_batch", None),
+        "dtype": getattr(args, "dtype", None),
     }
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 

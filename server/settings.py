@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -41,6 +41,9 @@ class Settings(BaseSettings):
 
     # worker
     device: str = "auto"  # auto (cuda when available), cuda, cuda:1, cpu
+    # The network's weights and KV caches; the sampler state stays float32 (model/rollout.py).
+    # auto: bfloat16 on a GPU (tensor cores), float32 on a CPU (no faster there, measured).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch: int = Field(default=64, ge=1)  # most rollouts stepped together in one forward
     # Memory the batch may use (KV caches, frames, activations); the batch is the smaller of
     # max_batch and what fits. None: 80% of free GPU memory, or a quarter of RAM on the CPU.
@@ -96,6 +99,11 @@ class Settings(BaseSettings):
         import torch  # only the worker asks, and it needs torch anyway
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
 
     def bundles(self) -> dict[str, Path]:
         """Every servable bundle, id -> folder: `model` when it is a folder, the packaged

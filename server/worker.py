@@ -245,7 +245,8 @@ class Worker:
     def heartbeat(self) -> None:
         self.queue.heartbeat(self.name, {
             "warmed_up": self.warmed_up, "host": socket.gethostname(), "pid": os.getpid(),
-            "model": self.bundle.name, "device": self.device, "live": len(self.live),
+            "model": self.bundle.name, "device": self.device,
+            "dtype": str(self.engine.net_dtype).removeprefix("torch."), "live": len(self.live),
             "jobs": [live.job.id for live in self.live], "max_batch": self.batch_limit,
         }, self.settings.heartbeat_ttl_s)  # fmt: skip
 
@@ -286,7 +287,7 @@ def build_worker(settings: Settings, queue: Queue, stop: threading.Event | None 
     if settings.torch_threads:  # process-wide: also the embedded API's threads
         torch.set_num_threads(settings.torch_threads)
     _, path = settings.default_model()
-    bundle = load_bundle(path)
+    bundle = load_bundle(path, getattr(torch, settings.resolved_dtype()))
     return Worker(settings, queue, bundle, stop)
 
 

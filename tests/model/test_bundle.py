@@ -21,6 +21,14 @@ def test_round_trip_keeps_every_weight(tiny_bundle_dir, tiny_bundle):
     assert again.config == tiny_bundle.config
 
 
+def test_load_in_reduced_precision(tiny_bundle_dir, tiny_bundle):
+    half = load_bundle(tiny_bundle_dir, torch.bfloat16)
+    for (name, a), (_, b) in zip(
+        tiny_bundle.network.state_dict().items(), half.network.state_dict().items(), strict=True
+    ):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), name
+
+
 def test_pickle_checkpoints_are_refused(tiny_bundle_dir, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_bundle_dir, bad)

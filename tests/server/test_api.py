@@ -364,6 +364,7 @@ def test_readyz_needs_a_warm_worker(api: Service) -> None:
     api.wait_ready()
     (info,) = api.client.get("/readyz").json()["workers"]
     assert info["warmed_up"] is True and info["model"] == "tiny"
+    assert info["dtype"] == "float32"  # DFSERVE_DTYPE=auto on a CPU
     assert info["name"] == worker.name and info["pid"] == os.getpid()
     api.stop_workers()  # a graceful stop removes the heartbeat at once
     assert api.client.get("/readyz").status_code == 503
@@ -540,3 +541,10 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert s.redis_url == "redis://h:1/0" and s.api_keys == []
     with pytest.raises(ValueError, match="model"):
         Settings(model="nope").default_model()
+    assert s.resolved_dtype() == "float32"  # auto on a CPU
+    assert Settings(device="cuda").resolved_dtype() == "bfloat16"
+    monkeypatch.setenv("DFSERVE_DTYPE", "float16")
+    assert Settings().resolved_dtype() == "float16"
+    monkeypatch.setenv("DFSERVE_DTYPE", "int8")
+    with pytest.raises(ValueError, match="dtype"):
+        Settings()
