@@ -30,14 +30,7 @@ from model.evaluate import (
     update_card,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared 2-core box: one thread avoids OpenMP spin contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
 
 
 def images(n: int = 3, seed: int = 0) -> torch.Tensor:

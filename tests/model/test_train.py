@@ -34,13 +34,7 @@ ACTIONS = TINY.data.action_names  # noop, left, right, up
 MOVES = {0: (0, 0), 1: (0, -1), 2: (0, 1), 3: (-1, 0)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared 2-core box: one thread avoids OpenMP spin contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
 
 
 def synthetic_episode(seed: int, length: int = 64, r: int = 16) -> Episode:
