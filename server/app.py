@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import AuthMiddleware
 from server.metrics import Metrics
-from server.queue import Queue, connect
+from server.queue import Queue
 from server.routes import health, models, rollouts, sessions
 from server.routes.deps import ApiError, Catalog, value_error
 from server.settings import Settings
@@ -103,7 +103,7 @@ def create_app(settings: Settings, queue: Queue | None = None) -> FastAPI:
             if settings.redis_url is None:
                 log.warning("no DFSERVE_REDIS_URL: the API uses a private in-process queue "
                             "that no worker can reach")  # fmt: skip
-            client = connect(settings.redis_url)
+            client = settings.redis_client()
             app.state.queue = Queue(client, **settings.queue_options())
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         log.info("API ready: models %s (default %s)", sorted(catalog.configs), catalog.default)

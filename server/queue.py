@@ -613,16 +613,20 @@ class Queue:
         return ok
 
 
-def connect(url: str | None, fake_server: Any = None) -> Any:
+def connect(url: str | None, fake_server: Any = None, timeout_s: float = 10.0) -> Any:
     """A client for `url`, or, with no url, for an in-process fakeredis server (the embedded
-    mode: pass the same FakeServer to every client that must share the queue)."""
+    mode: pass the same FakeServer to every client that must share the queue).
+
+    timeout_s bounds every command, so a Redis that hangs (stopped, swapping, a dead network
+    path) turns into redis.TimeoutError (503 from the API, backoff in the worker) instead of a
+    thread blocked forever; it must exceed the longest blocking read here (1 s)."""
     if url is None:
         import fakeredis
 
         return fakeredis.FakeRedis(server=fake_server or fakeredis.FakeServer())
-    # No socket timeout: XREAD BLOCK waits longer than any sane one; keepalive finds dead peers.
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True,
-                                health_check_interval=30)
+    return redis.Redis.from_url(url, socket_connect_timeout=min(5.0, timeout_s),
+                                socket_timeout=timeout_s, socket_keepalive=True,
+                                health_check_interval=30)  # fmt: skip
 
 
 def _add_note(h: dict[bytes, bytes], note: str) -> str:

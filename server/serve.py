@@ -15,7 +15,7 @@ import threading
 import uvicorn
 
 from server.app import create_app
-from server.queue import Queue, connect
+from server.queue import Queue
 from server.settings import Settings
 from server.worker import build_worker
 
@@ -43,8 +43,8 @@ def run_serve(settings: Settings, host: str, port: int) -> None:
 
         fake_server = fakeredis.FakeServer()
         log.info("no DFSERVE_REDIS_URL: using the embedded in-process queue")
-    api_queue = Queue(connect(settings.redis_url, fake_server), **settings.queue_options())
-    worker_queue = Queue(connect(settings.redis_url, fake_server), **settings.queue_options())
+    api_queue = Queue(settings.redis_client(fake_server), **settings.queue_options())
+    worker_queue = Queue(settings.redis_client(fake_server), **settings.queue_options())
     app = create_app(settings, api_queue)  # resolves the model first: fails before any thread
     stop = threading.Event()
     failed: list[BaseException] = []

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=3, ge=1)  # then it goes to the dead-letter stream
     job_ttl_s: int = Field(default=86_400, ge=1)  # finished jobs, frames, videos expire
     max_queued: int = Field(default=1_000, ge=1)  # POST answers 429 beyond this
+    # Every Redis command's deadline: a hung Redis gives 503s and worker backoff, not stuck
+    # threads. Above the longest blocking read (1 s, server/routes/rollouts.py).
+    redis_timeout_s: float = Field(default=10.0, ge=2.0)
 
     # models
     models_dir: Annotated[list[Path], NoDecode] = []  # extra bundle folders (or parents of)
@@ -72,6 +75,12 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split(value)
+
+    def redis_client(self, fake_server: Any = None) -> Any:
+        """A Redis client for redis_url (or the embedded fake_server) with these settings."""
+        from server.queue import connect
+
+        return connect(self.redis_url, fake_server, self.redis_timeout_s)
 
     def queue_options(self) -> dict[str, Any]:
         """Keyword arguments of server.queue.Queue."""

@@ -36,7 +36,7 @@ from model.request import prepare
 from model.rollout import RolloutEngine, RolloutRequest, RolloutState
 from server import video
 from server.inputs import decode_stored_context
-from server.queue import ClaimedJob, JobStatus, Queue, connect
+from server.queue import ClaimedJob, JobStatus, Queue
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -299,5 +299,5 @@ def run_worker(settings: Settings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    queue = Queue(connect(settings.redis_url), **settings.queue_options())
+    queue = Queue(settings.redis_client(), **settings.queue_options())
     build_worker(settings, queue, stop).run()

@@ -62,6 +62,16 @@ class RedisServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP: the port stays open and connections stay up, but nothing is answered (a
+        hung Redis, unlike a dead one)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port)
 
@@ -73,6 +83,7 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(folder)
     server.start()
     yield server
+    server.resume()
     server.kill()
 
 
