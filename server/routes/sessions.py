@@ -45,7 +45,15 @@ from model.request import SAMPLING_FIELDS, prepare
 from server import video
 from server.inputs import decode_context, encode_context
 from server.queue import Job, JobStatus, Queue, QueueFull
-from server.routes.deps import ApiError, Catalog, CatalogDep, QueueDep, SettingsDep, value_error
+from server.routes.deps import (
+    ApiError,
+    Catalog,
+    CatalogDep,
+    OwnerDep,
+    QueueDep,
+    SettingsDep,
+    value_error,
+)
 from server.routes.rollouts import STREAM_BLOCK_MS, STREAM_COUNT, validation_error
 from server.schemas import SessionStart
 from server.settings import Settings
@@ -85,14 +93,14 @@ class _Conn:
 
 @router.websocket("")
 async def session(ws: WebSocket, settings: SettingsDep, queue: QueueDep,
-                  catalog: CatalogDep) -> None:
+                  catalog: CatalogDep, owner: OwnerDep) -> None:
     """Interactive play: `start`, then `action` messages each answered by the next frame."""
     await ws.accept()
     try:
         raw = await asyncio.wait_for(ws.receive_text(), settings.session_idle_s)
         start = _parse_start(raw)
         job, config, ready, context_png = await run_in_threadpool(
-            _open, start, settings, queue, catalog)
+            _open, start, settings, queue, catalog, owner)
     except ApiError as e:
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await ws.send_json({"type": "error", "status": e.status, **e.body()})
@@ -138,8 +146,8 @@ def _parse_start(raw: str) -> SessionStart:
     return start
 
 
-def _open(start: SessionStart, settings: Settings, queue: Queue, catalog: Catalog
-          ) -> tuple[Job, BundleConfig, dict[str, Any], bytes]:
+def _open(start: SessionStart, settings: Settings, queue: Queue, catalog: Catalog,
+          owner: str | None) -> tuple[Job, BundleConfig, dict[str, Any], bytes]:
     """Validate the start message as the worker will (prepare), queue the session job."""
     model_id, config = catalog.config(start.model)
     try:
@@ -168,7 +176,7 @@ def _open(start: SessionStart, settings: Settings, queue: Queue, catalog: Catalo
         "fps": config.data.fps,
     }
     try:
-        job = queue.submit_session(stored)
+        job = queue.submit_session(stored, owner)  # only its key may read its job
     except QueueFull as e:
         raise ApiError(429, None, str(e), headers={"Retry-After": "5"}) from None
     ready = {"type": "ready", "session": job.id, "model": model_id, "fps": config.data.fps,

@@ -135,6 +135,21 @@ def test_a_key_sees_only_its_own_jobs(keyed: Any, caplog: pytest.LogCaptureFixtu
     assert client.delete(base, headers=ALPHA).json()["status"] == "cancelled"
 
 
+def test_a_session_belongs_to_the_key_that_opened_it(keyed: Any) -> None:
+    client, queue, raw = keyed
+    with client.websocket_connect("/v1/sessions", headers=ALPHA) as ws:
+        ws.send_json({"type": "start", "example": "random"})
+        assert ws.receive_json()["type"] == "queued"  # no worker here: it stays queued
+        (key,) = raw.keys(queue.keys.job("*"))
+        session_id = key.decode().rsplit(":", 1)[1]
+        job = queue.get(session_id)
+        assert job is not None and job.owner == auth.owner_id(KEYS[0])
+        assert client.get(f"/v1/rollouts/{session_id}", headers=ALPHA).status_code == 200
+        r = client.get(f"/v1/rollouts/{session_id}", headers=BETA)
+        assert r.status_code == 403 and r.json()["detail"]["field"] == "id"
+        assert client.delete(f"/v1/rollouts/{session_id}", headers=BETA).status_code == 403
+
+
 def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
     checker = auth.KeyChecker(["k1", "k2", "k3"])
     calls: list[tuple[bytes, bytes]] = []
