@@ -187,8 +187,8 @@ PRESETS: dict[str, BundleConfig] = {
         diffusion=DiffusionConfig(objective="x0"),
         data=dataclasses.replace(_CRAFTER_DATA, n_frames=8),
         # 2 steps, chosen by `dfserve eval` on held-out episodes: this small model's samples
-        # get worse with more steps (PSNR at h=4: 19.6 dB with 2 steps, 17.8 dB with 8), as
-        # its errors compound; see the bundle's model card for the table.
+        # get worse with more steps (PSNR at h=4: 20.3 dB with 2 steps, 19.4 with 8, 18.4 with
+        # 100-step DDIM), as its errors compound; see the bundle's model card for the table.
         sampling=SamplingConfig(steps=2, chunk_size=4),
     ),
     "crafter-gpu": BundleConfig(
