@@ -44,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _server_flags(p)
     p.add_argument("--max-batch", type=int)
     p.add_argument("--device")
-    p.add_argument("--dtype", choices=DTYPES, help="weights and KV caches (default: "
-                   "bfloat16 on a GPU, float32 on a CPU)")
+    _dtype_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("api", help="the API alone, against DFSERVE_REDIS_URL")
@@ -56,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--max-batch", type=int)
     p.add_argument("--model", help="bundle id or folder")
-    p.add_argument("--dtype", choices=DTYPES, help="weights and KV caches (default: "
-                   "bfloat16 on a GPU, float32 on a CPU)")
+    _dtype_flag(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("rollout", help="generate a video from context frames and actions")
@@ -152,13 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer frames, for CI")
     p.add_argument("--engine-only", action="store_true", help="skip the service figures")
     p.add_argument("--device")
-    p.add_argument("--dtype", choices=DTYPES, help="weights and KV caches (default: "
-                   "bfloat16 on a GPU, float32 on a CPU)")
+    _dtype_flag(p)
     p.set_defaults(func=cmd_bench)
     return parser
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=DTYPES, help="weights and KV caches (default: "
+                   "bfloat16 on a GPU, float32 on a CPU)")
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:

@@ -24,6 +24,11 @@ def _split(value: Any) -> Any:
     return value
 
 
+def default_dtype(device: str) -> str:
+    """bfloat16 on a GPU (tensor cores), float32 on a CPU (no faster there, measured)."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DFSERVE_", extra="ignore")
 
@@ -45,7 +50,7 @@ class Settings(BaseSettings):
     # worker
     device: str = "auto"  # auto (cuda when available), cuda, cuda:1, cpu
     # The network's weights and KV caches; the sampler state stays float32 (model/rollout.py).
-    # auto: bfloat16 on a GPU (tensor cores), float32 on a CPU (no faster there, measured).
+    # auto: default_dtype(device).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch: int = Field(default=64, ge=1)  # most rollouts stepped together in one forward
     # Memory the batch may use (KV caches, frames, activations); the batch is the smaller of
@@ -112,7 +117,7 @@ class Settings(BaseSettings):
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
             return self.dtype
-        return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+        return default_dtype(self.resolved_device())
 
     def bundles(self) -> dict[str, Path]:
         """Every servable bundle, id -> folder: `model` when it is a folder, the packaged

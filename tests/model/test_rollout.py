@@ -179,13 +179,9 @@ def test_reduced_precision_network_keeps_float32_sampler_state(tiny_bundle, dtyp
     """bf16/fp16 weights and KV caches (the GPU fast path), float32 sampler state: frames stay
     float32, finite, and close to the float32 rollout's."""
     half = dataclasses.replace(tiny_bundle, network=copy.deepcopy(tiny_bundle.network).to(dtype))
-    engine = RolloutEngine(half)
-    state = engine.start(make_request(half))
-    assert state.cache is not None and state.cache.keys.dtype == dtype
-    frames = []
-    while not state.done:
-        frames += [f for _, f in engine.step([state])[0]]
-    got = torch.stack(frames)
+    cache = RolloutEngine(half).start(make_request(half)).cache
+    assert cache is not None and cache.keys.dtype == dtype
+    got = run(half, make_request(half))
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     reference = run(tiny_bundle, make_request(tiny_bundle))
     psnr = 10 * torch.log10(4 / (got - reference).pow(2).mean())  # frames span [-1, 1]
