@@ -23,7 +23,7 @@ SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingConfig))
 @dataclass(frozen=True)
 class PreparedRequest:
     request: RolloutRequest
-    notes: tuple[str, ...]  # what was changed on the way (trimmed context, cycled actions)
+    notes: tuple[str, ...]  # what was changed on the way (trimmed context, cycled or cut actions)
 
 
 def sampling_from(config: BundleConfig, overrides: dict[str, Any]) -> SamplingConfig:
@@ -58,10 +58,14 @@ def prepare(
     if not action_ids:
         action_ids = [_default_action(config)] * frames
         notes.append("actions: none given, using noop for every frame")
-    elif len(action_ids) != frames:
+    elif len(action_ids) < frames:
         cycled = [action_ids[i % len(action_ids)] for i in range(frames)]
         notes.append(f"actions: {len(action_ids)} given for {frames} frames, repeated cyclically")
         action_ids = cycled
+    elif len(action_ids) > frames:
+        notes.append(f"actions: {len(action_ids)} given for {frames} frames, only the first "
+                     f"{frames} used")  # fmt: skip
+        action_ids = action_ids[:frames]
     ctx = _check_context(config, context)
     ctx_ids = [action_index(config, a) for a in context_actions or []]
     if ctx_ids and len(ctx_ids) != len(ctx):

@@ -35,14 +35,17 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Upload:
-    """One multipart file."""
+    """One multipart file, with the form field it came in (named in errors)."""
 
     filename: str
     content_type: str
     data: bytes
+    field: str = "files"  # "files" (images and/or videos), "context" (images), "context_video"
 
     @property
     def is_video(self) -> bool:
+        if self.field != "files":
+            return self.field == "context_video"
         return self.content_type.startswith("video/") or self.filename.lower().endswith(
             VIDEO_SUFFIXES)
 
@@ -88,8 +91,7 @@ def decode_context(
     elif context_video:
         raw = _video("context_video", _b64("context_video", context_video), max_pixels)
     else:
-        for i, f in enumerate(files or []):
-            name = f"files[{i}] ({f.filename})" if f.filename else f"files[{i}]"
+        for f, name in zip(files or [], _upload_names(files or []), strict=True):
             if f.is_video:
                 raw += _video(name, f.data, max_pixels)
             else:
@@ -97,6 +99,18 @@ def decode_context(
     if not raw:
         raise InputError(given[0], "no frames")
     return Context(np.stack([video.resize_frame(f, r) for f in raw]), None, None)
+
+
+def _upload_names(files: list[Upload]) -> list[str]:
+    """How errors name each file: its form field, its index among that field's files and its
+    file name, e.g. "files[1] (b.png)" or "context_video (clip.mp4)"."""
+    seen: dict[str, int] = {}
+    names = []
+    for f in files:
+        i = seen[f.field] = seen.get(f.field, -1) + 1
+        name = f.field if f.field == "context_video" else f"{f.field}[{i}]"
+        names.append(f"{name} ({f.filename})" if f.filename else name)
+    return names
 
 
 def _b64(field: str, text: str) -> bytes:

@@ -16,6 +16,7 @@ Keys, under a prefix `p`:
     p:cancel:{id}       cancel flag for a running job
     p:actions:{id}      stream of action batches of an interactive session ({"a": JSON ints})
     p:idem:{owner}:{k}  idempotency key -> job id (SET NX)
+    p:owned:{owner}     zset of an owner's rollout ids scored by seq (GET /v1/rollouts)
     p:dead              dead-letter stream
     p:worker:{name}     worker heartbeat JSON (TTL); p:workers indexes the names (no SCAN)
     p:stats             hash of counters for /metrics: submitted, finished:{status}, frames
@@ -48,6 +49,7 @@ GROUP = "workers"
 PENDING_TTL_S = 7 * 86_400  # TTL while a job is live: generous, but nothing is orphaned forever
 DEAD_MAXLEN = 10_000  # the dead-letter stream is capped (approximately)
 MAX_INDEX = 2**62  # frame indexes beyond this cannot exist (stream ids are 64-bit)
+MAX_OWNED = 10_000  # GET /v1/rollouts lists at most this many of an owner's newest jobs
 
 
 class JobStatus(StrEnum):
@@ -90,6 +92,7 @@ class Job:
     deliveries: int
     notes: tuple[str, ...]
     queue_position: int | None
+    seq: int = 0  # place in line at submission: orders an owner's jobs (list_jobs)
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,9 @@ class Keys:
 
     def worker(self, name: str) -> str:
         return f"{self.prefix}:worker:{name}"
+
+    def owned(self, owner: str | None) -> str:
+        return f"{self.prefix}:owned:{owner or '-'}"
 
 
 class Queue:
@@ -216,11 +222,43 @@ class Queue:
         pipe.zadd(self.keys.queued, {job_id: seq})
         pipe.xadd(self.keys.jobs, {"id": job_id})
         pipe.hincrby(self.keys.stats, "submitted", 1)
+        if params.get("kind") != "session":  # sessions are not listed as rollouts
+            self._index_owned(pipe, owner, job_id, seq)
         pipe.execute()
         log.info("queued job %s (%d frames, owner %s)", job_id, frames_total, owner or "-")
         job = self.get(job_id)
         assert job is not None
         return job
+
+    def _index_owned(self, pipe: Any, owner: str | None, job_id: str, seq: int) -> None:
+        # The index outlives no job by much: it expires with the newest job's pending TTL,
+        # and `list_jobs` drops ids whose hash has expired.
+        key = self.keys.owned(owner)
+        pipe.zadd(key, {job_id: seq})
+        pipe.zremrangebyrank(key, 0, -MAX_OWNED - 1)
+        pipe.expire(key, self._pending_ttl_s)
+
+    def list_jobs(self, owner: str | None, limit: int, before: int | None = None
+                  ) -> tuple[list[Job], int | None]:
+        """An owner's rollouts, newest first: up to `limit` jobs submitted before the job
+        whose seq is `before` (None: from the newest), and the cursor of the next page (the
+        seq of the last job returned; None on the last page)."""
+        key = self.keys.owned(owner)
+        top = f"({before}" if before is not None else "+inf"
+        jobs: list[Job] = []
+        while True:
+            want = limit + 1 - len(jobs)  # one more than the page: is there a next one?
+            rows = self.redis.zrevrangebyscore(key, top, "-inf", start=0, num=want,
+                                               withscores=True)
+            found = [(raw_id, self.get(_s(raw_id))) for raw_id, _ in rows]
+            if gone := [raw_id for raw_id, job in found if job is None]:
+                self.redis.zrem(key, *gone)  # expired jobs leave the index as they are met
+            jobs += [job for _, job in found if job is not None]
+            if len(jobs) > limit:
+                return jobs[:limit], jobs[limit - 1].seq
+            if len(rows) < want:
+                return jobs, None
+            top = f"({int(rows[-1][1])}"
 
     def _idem_job(self, idem: str) -> Job | None:
         job_id = self.redis.get(idem)
@@ -645,6 +683,7 @@ def _parse_job(job_id: str, h: dict[bytes, bytes], rank: int | None) -> Job:
         deliveries=int(h.get(b"deliveries") or 0),
         notes=tuple(json.loads(h.get(b"notes") or b"[]")),
         queue_position=rank if status is JobStatus.queued else None,
+        seq=int(h.get(b"seq") or 0),
     )
 
 

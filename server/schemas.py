@@ -6,13 +6,16 @@ rather than silently coerced, so a typo such as `stpes` never runs a default rol
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.queue import JobStatus
 
 Action = int | str
+# A job's status as the API shows it: the queue's JobStatus, plus "cancelling" for a running
+# job whose cancel was asked for and has not taken effect yet (it stops within one row).
+RolloutState = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
 
 class RolloutParams(BaseModel):
@@ -27,7 +30,8 @@ class RolloutParams(BaseModel):
     context_actions: list[Action] | None = Field(
         None, description="the actions that produced the context frames (names or indices)")
     actions: list[Action] | None = Field(
-        None, description="one per generated frame (names or indices); repeated cyclically")
+        None, description="one per generated frame (names or indices); fewer than `frames` "
+                          "are repeated cyclically, more are cut to the first `frames`")
     frames: int | None = Field(None, description="frames to generate; default len(actions)")
     schedule: str | None = None
     sampler: str | None = None
@@ -89,7 +93,7 @@ class RolloutCreated(BaseModel):
 
 class RolloutStatus(BaseModel):
     id: str
-    status: JobStatus
+    status: RolloutState
     progress: Progress
     queue_position: int | None
     created_at: float
@@ -100,6 +104,26 @@ class RolloutStatus(BaseModel):
     params: dict[str, Any] = Field(description="the effective parameters, defaults filled in")
     notes: list[str]
     links: Links
+
+
+class RolloutSummary(BaseModel):
+    """One job of GET /v1/rollouts: what a list needs, without the parameters."""
+
+    id: str
+    status: RolloutState
+    progress: Progress
+    queue_position: int | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    links: Links
+
+
+class RolloutList(BaseModel):
+    rollouts: list[RolloutSummary] = Field(description="newest first")
+    next_cursor: str | None = Field(
+        description="pass as ?cursor= for the next (older) page; null on the last page")
 
 
 class ModelInfo(BaseModel):

@@ -62,6 +62,7 @@ class Catalog:
     paths: dict[str, Path]
     default: str
     configs: dict[str, BundleConfig] = field(default_factory=dict)
+    max_frames: int | None = None  # the server's own frames-per-request limit (Settings)
     _examples: dict[str, dict[str, Example]] = field(default_factory=dict)
 
     @classmethod
@@ -69,7 +70,8 @@ class Catalog:
         paths = settings.bundles()
         default, path = settings.default_model(paths)
         paths.setdefault(default, path)
-        return cls(paths, default, {k: load_config(p) for k, p in paths.items()})
+        return cls(paths, default, {k: load_config(p) for k, p in paths.items()},
+                   settings.max_frames)
 
     def config(self, model_id: str | None) -> tuple[str, BundleConfig]:
         model_id = model_id or self.default
@@ -80,7 +82,10 @@ class Catalog:
 
     def describe(self, model_id: str) -> dict[str, Any]:
         doc = describe(self.configs[model_id], self.paths[model_id])
-        return {**doc, "id": model_id, "default": model_id == self.default}
+        # The limit this server enforces (model.request.prepare takes the smaller of the two).
+        limit = min(doc["max_rollout_frames"], self.max_frames or doc["max_rollout_frames"])
+        return {**doc, "id": model_id, "default": model_id == self.default,
+                "max_rollout_frames": limit}
 
     def examples(self, model_id: str) -> dict[str, Example]:
         if model_id not in self._examples:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.routes.deps import ApiError, CatalogDep
+from server.routes.deps import ApiError, Catalog, CatalogDep
 from server.schemas import ErrorBody, ModelInfo, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.get("", response_model=ModelList)
-def list_models(catalog: CatalogDep) -> ModelList:
+def model_list(catalog: Catalog) -> ModelList:
+    """The document of GET /v1/models, and of `dfserve models --json`."""
     models = [ModelInfo(**catalog.describe(m)) for m in sorted(catalog.configs)]
     return ModelList(default=catalog.default, models=models)
+
+
+@router.get("", response_model=ModelList)
+def list_models(catalog: CatalogDep) -> ModelList:
+    return model_list(catalog)
 
 
 @router.get("/{model_id}", response_model=ModelInfo, responses={404: {"model": ErrorBody}})

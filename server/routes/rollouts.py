@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Header, Query, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
@@ -43,8 +44,11 @@ from server.schemas import (
     Links,
     Progress,
     RolloutCreated,
+    RolloutList,
     RolloutParams,
+    RolloutState,
     RolloutStatus,
+    RolloutSummary,
 )
 from server.settings import Settings
 
@@ -54,6 +58,8 @@ router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 MAX_FPS = 120
 STREAM_BLOCK_MS = 1000  # one blocking read; between reads the socket's liveness is checked
 STREAM_COUNT = 64  # events per read (frames carry their PNGs)
+FILE_FIELDS = ["files", "context", "context_video"]  # multipart file fields
+MAX_PAGE = 100  # GET /v1/rollouts: most jobs per page
 WAIT_POLL_S = 0.05  # ?wait=true: how often the job and the client's connection are checked
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 415, 422, 429, 503)}
@@ -90,20 +96,50 @@ def _notes(job: Job) -> list[str]:
     return [*job.params.get("notes", []), *job.notes]
 
 
-def effective_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The stored job params as the client sees them: the context as a count, not pixels."""
+def effective_params(params: dict[str, Any], action_names: Sequence[str] = ()) -> dict[str, Any]:
+    """The stored job params as the client sees them: the context as a count, not pixels, and
+    actions by name when the model names them (the queue stores indices)."""
     view = {k: v for k, v in params.items() if k not in ("context", "sampling", "notes")}
+    for key in ("actions", "context_actions"):
+        if action_names and view.get(key):
+            view[key] = [action_names[a] if 0 <= a < len(action_names) else a
+                         for a in view[key]]  # fmt: skip
     return {**view, "context_frames": len(params.get("context", [])),
             **params.get("sampling", {})}
 
 
-def status_doc(job: Job) -> RolloutStatus:
+def shown_status(job: Job, cancelling: bool) -> RolloutState:
+    """The status the API shows: a running job whose cancel flag is set is "cancelling"."""
+    if cancelling and job.status is JobStatus.running:
+        return "cancelling"
+    return cast(RolloutState, job.status.value)
+
+
+def status_doc(job: Job, action_names: Sequence[str] = (), cancelling: bool = False
+               ) -> RolloutStatus:
     return RolloutStatus(
-        id=job.id, status=job.status,
+        id=job.id, status=shown_status(job, cancelling),
         progress=Progress(frames_done=job.frames_done, frames_total=job.frames_total),
         queue_position=job.queue_position, created_at=job.created_at,
         started_at=job.started_at, finished_at=job.finished_at, error=job.error,
-        worker=job.worker, params=effective_params(job.params), notes=_notes(job),
+        worker=job.worker, params=effective_params(job.params, action_names),
+        notes=_notes(job), links=links(job.id),
+    )  # fmt: skip
+
+
+def _status(job: Job, queue: Queue, catalog: Catalog) -> RolloutStatus:
+    config = catalog.configs.get(job.params.get("model", ""))
+    names = config.data.action_names if config is not None else ()
+    cancelling = job.status is JobStatus.running and queue.is_cancelled(job.id)
+    return status_doc(job, names, cancelling)
+
+
+def summary(job: Job, cancelling: bool) -> RolloutSummary:
+    return RolloutSummary(
+        id=job.id, status=shown_status(job, cancelling),
+        progress=Progress(frames_done=job.frames_done, frames_total=job.frames_total),
+        queue_position=job.queue_position, created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at, error=job.error,
         links=links(job.id),
     )  # fmt: skip
 
@@ -150,25 +186,31 @@ async def _read_body(request: Request) -> tuple[RolloutParams, list[Upload]]:
         raw = "{}"
         async with request.form(max_files=256, max_fields=8) as form:
             for key, value in form.multi_items():
-                if isinstance(value, UploadFile):
+                if isinstance(value, UploadFile) and key in FILE_FIELDS:
                     files.append(Upload(value.filename or "", value.content_type or "",
-                                        await value.read()))
-                elif key == "params":
+                                        await value.read(), field=key))
+                elif key == "params" and isinstance(value, str):
                     raw = value
                 else:
-                    raise ApiError(422, key, "unknown form field", ["params", "files"])
-        return _parse(raw), files
+                    raise ApiError(422, key, "unknown form field (or a file where text is "
+                                   "expected)", ["params", *FILE_FIELDS])  # fmt: skip
+        return _parse(raw, whole="params"), files
     if kind != "application/json":
         raise ApiError(415, "content-type", f"{kind!r} is not supported",
                        ["application/json", "multipart/form-data"])
     return _parse(await request.body()), []
 
 
-def _parse(raw: str | bytes) -> RolloutParams:
+def _parse(raw: str | bytes, whole: str | None = None) -> RolloutParams:
+    """The params; an error about the document as a whole (not JSON, not an object) names
+    `whole`, the multipart field it came in."""
     try:
         return RolloutParams.model_validate_json(raw or b"{}")
     except ValidationError as e:
-        raise validation_error(e.errors(include_url=False)) from None
+        err = validation_error(e.errors(include_url=False))
+        if err.field is None:
+            err.field = whole
+        raise err from None
 
 
 def validation_error(errors: Any) -> ApiError:
@@ -271,19 +313,40 @@ async def _wait(request: Request, queue: Queue, job_id: str, timeout_s: float) -
 # ------------------------------------------------------------------------------- inspect
 
 
+@router.get("", response_model=RolloutList, responses=ERRORS)
+def list_rollouts(
+    queue: QueueDep,
+    owner: OwnerDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="jobs per page")] = 20,
+    cursor: Annotated[str | None, Query(max_length=20,
+                                        description="next_cursor of the previous page")] = None,
+) -> RolloutList:
+    """The caller's rollouts (its API key's, when auth is on), newest first, a page at a time;
+    jobs leave the list when they expire (DFSERVE_JOB_TTL_S after they end)."""
+    if cursor is not None and not cursor.isdigit():
+        raise ApiError(422, "cursor", f"{cursor!r} is not a next_cursor of this API")
+    jobs, after = queue.list_jobs(owner, limit, int(cursor) if cursor is not None else None)
+    flagged = queue.cancelled(j.id for j in jobs if j.status is JobStatus.running)
+    return RolloutList(rollouts=[summary(j, j.id in flagged) for j in jobs],
+                       next_cursor=None if after is None else str(after))
+
+
 @router.get("/{rollout_id}", response_model=RolloutStatus, responses=ERRORS)
-def get_rollout(rollout_id: str, queue: QueueDep, owner: OwnerDep) -> RolloutStatus:
-    return status_doc(_own_job(queue, rollout_id, owner))
+def get_rollout(rollout_id: str, queue: QueueDep, catalog: CatalogDep,
+                owner: OwnerDep) -> RolloutStatus:
+    return _status(_own_job(queue, rollout_id, owner), queue, catalog)
 
 
 @router.delete("/{rollout_id}", response_model=RolloutStatus, responses=ERRORS)
-def cancel_rollout(rollout_id: str, queue: QueueDep, owner: OwnerDep) -> RolloutStatus:
-    """Cancel: a queued job never runs; a running one stops within one denoising row."""
+def cancel_rollout(rollout_id: str, queue: QueueDep, catalog: CatalogDep,
+                   owner: OwnerDep) -> RolloutStatus:
+    """Cancel: a queued job never runs; a running one stops within one denoising row (it
+    shows as "cancelling" until then)."""
     _own_job(queue, rollout_id, owner)
     job = queue.cancel(rollout_id)
     if job is None:
         raise _not_found(rollout_id)
-    return status_doc(job)
+    return _status(job, queue, catalog)
 
 
 @router.get("/{rollout_id}/video", response_class=Response,

@@ -230,8 +230,9 @@ def test_rollout_lifecycle(service: Service) -> None:
     assert doc["worker"] == service.workers[0][0].name
     p = doc["params"]
     assert p["steps"] == 3 and p["schedule"] == "pyramid" and p["frames"] == frames
-    assert p["actions"][:3] == [1, 2, 1] and isinstance(p["seed"], int)
-    assert p["context_frames"] == 2 and p["context_actions"] == [0, 1]  # from the example
+    # Names, as they were sent (the queue stores indices).
+    assert p["actions"][:3] == ["left", "right", "left"] and isinstance(p["seed"], int)
+    assert p["context_frames"] == 2 and p["context_actions"] == ["noop", "left"]  # the example's
 
     mp4 = service.client.get(f"/v1/rollouts/{job_id}/video")
     assert mp4.status_code == 200 and mp4.headers["content-type"] == "video/mp4"
@@ -416,7 +417,7 @@ def test_context_sources(api: Service) -> None:
                         data={"params": '{"frames": 4, "actions": ["up"], "seed": 3}'})
     assert r.status_code == 202, r.text
     p = api.client.get(r.json()["links"]["self"]).json()["params"]
-    assert (p["context_frames"], p["actions"], p["seed"]) == (2, [3, 3, 3, 3], 3)
+    assert (p["context_frames"], p["actions"], p["seed"]) == (2, ["up"] * 4, 3)
 
 
 def test_idempotency_key(api: Service) -> None:
@@ -548,3 +549,115 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("DFSERVE_DTYPE", "int8")
     with pytest.raises(ValueError, match="dtype"):
         Settings()
+
+
+# ------------------------------------------------------------------------------ newcomer issues
+
+
+def test_list_rollouts_newest_first_in_pages(api: Service) -> None:
+    ids = [api.submit(frames=2 + i) for i in range(5)]
+    api.client.delete(f"/v1/rollouts/{ids[1]}")
+    r = api.client.get("/v1/rollouts?limit=2")
+    assert r.status_code == 200, r.text
+    page = r.json()
+    assert [j["id"] for j in page["rollouts"]] == [ids[4], ids[3]]
+    first = page["rollouts"][0]
+    assert first["status"] == "queued" and first["progress"] == {"frames_done": 0,
+                                                                  "frames_total": 6}
+    assert first["links"]["self"] == f"/v1/rollouts/{ids[4]}"
+    seen = [j["id"] for j in page["rollouts"]]
+    statuses = {}
+    while page["next_cursor"] is not None:
+        page = api.client.get(f"/v1/rollouts?limit=2&cursor={page['next_cursor']}").json()
+        seen += [j["id"] for j in page["rollouts"]]
+        statuses |= {j["id"]: j["status"] for j in page["rollouts"]}
+    assert seen == ids[::-1]  # every job once, newest first
+    assert statuses[ids[1]] == "cancelled"
+    # A job that expired leaves the list (and the index) instead of breaking the page.
+    api.store.client().delete(api.queue.keys.job(ids[4]))
+    assert [j["id"] for j in api.client.get("/v1/rollouts").json()["rollouts"]] == ids[3::-1]
+    for query, field in (("limit=0", "limit"), ("limit=101", "limit"), ("cursor=abc", "cursor")):
+        r = api.client.get(f"/v1/rollouts?{query}")
+        assert r.status_code == 422 and r.json()["detail"]["field"] == field, r.text
+
+
+def test_list_rollouts_shows_only_the_callers_jobs(tiny_bundle_dir: Path) -> None:
+    for svc in make_service("fakeredis", tiny_bundle_dir, api_keys=["key-a", "key-b"]):
+        a = {"Authorization": "Bearer key-a"}
+        b = {"Authorization": "Bearer key-b"}
+        mine = [svc.client.post("/v1/rollouts", json={"example": "random"}, headers=a)
+                .json()["id"] for _ in range(2)]  # fmt: skip
+        theirs = svc.client.post("/v1/rollouts", json={"example": "random"}, headers=b)
+        listed = svc.client.get("/v1/rollouts", headers=a).json()
+        assert [j["id"] for j in listed["rollouts"]] == mine[::-1]
+        assert [j["id"] for j in svc.client.get("/v1/rollouts", headers=b).json()[
+            "rollouts"]] == [theirs.json()["id"]]
+        assert svc.client.get("/v1/rollouts").status_code == 401
+
+
+def test_models_report_the_enforced_frame_limit(tiny_bundle_dir: Path) -> None:
+    for svc in make_service("fakeredis", tiny_bundle_dir, max_frames=40):
+        m = svc.client.get("/v1/models/tiny").json()
+        assert m["max_rollout_frames"] == 40
+        listed = {d["id"]: d for d in svc.client.get("/v1/models").json()["models"]}
+        assert all(d["max_rollout_frames"] == 40 for d in listed.values())
+        assert svc.client.post("/v1/rollouts", json={"example": "random",
+                                                      "frames": 40}).status_code == 202
+        r = svc.client.post("/v1/rollouts", json={"example": "random", "frames": 41})
+        assert r.status_code == 422 and r.json()["detail"]["field"] == "frames"
+
+
+def test_notes_say_what_happened_to_the_actions(api: Service) -> None:
+    r = api.client.post("/v1/rollouts", json={"example": "random", "frames": 2})
+    notes = r.json()["notes"]  # the example brings 4 actions: 2 are used
+    assert notes == ["actions: 4 given for 2 frames, only the first 2 used"], notes
+    doc = api.client.get(r.json()["links"]["self"]).json()
+    assert doc["params"]["actions"] == ["left", "right"]
+    r = api.client.post("/v1/rollouts", json={"example": "random", "frames": 6})
+    assert r.json()["notes"] == ["actions: 4 given for 6 frames, repeated cyclically"]
+    r = api.client.post("/v1/rollouts", json={"example": "random", "actions": [1, "up"],
+                                              "frames": 2})  # fmt: skip
+    assert r.json()["notes"] == []
+    assert api.client.get(r.json()["links"]["self"]).json()["params"]["actions"] == [
+        "left", "up"]
+
+
+def test_multipart_errors_name_the_form_field(api: Service) -> None:
+    png = base64.b64decode(png_b64())
+    r = api.client.post("/v1/rollouts", files=[("files", ("a.png", png, "image/png"))],
+                        data={"params": "{not json"})
+    assert r.status_code == 422 and r.json()["detail"]["field"] == "params", r.text
+    r = api.client.post("/v1/rollouts", files=[("files", ("a.png", png, "image/png"))],
+                        data={"params": "[1, 2]"})
+    assert r.status_code == 422 and r.json()["detail"]["field"] == "params", r.text
+    r = api.client.post("/v1/rollouts",
+                        files=[("context_video", ("clip.mp4", b"not a video", "video/mp4"))])
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"]["field"] == "context_video (clip.mp4)"
+    r = api.client.post("/v1/rollouts", files=[("context", ("a.png", png, "image/png")),
+                                               ("context", ("b.png", b"junk", "image/png"))])
+    assert r.status_code == 422 and r.json()["detail"]["field"] == "context[1] (b.png)"
+    r = api.client.post("/v1/rollouts", files=[("frames", ("a.png", png, "image/png"))])
+    assert r.status_code == 422 and r.json()["detail"]["field"] == "frames"
+    assert r.json()["detail"]["accepted"] == ["params", "files", "context", "context_video"]
+    clip = video.encode_mp4([np.full((16, 16, 3), 60 * i, np.uint8) for i in range(3)], fps=8)
+    r = api.client.post("/v1/rollouts", files=[("context_video", ("c.mp4", clip, "video/mp4"))],
+                        data={"params": '{"frames": 2}'})
+    assert r.status_code == 202, r.text
+    assert api.client.get(r.json()["links"]["self"]).json()["params"]["context_frames"] == 3
+    assert api.queue.queued_count() == 1
+
+
+def test_delete_of_a_running_job_says_cancelling(api: Service) -> None:
+    job_id = api.submit(frames=8)
+    # A worker has claimed and started it but not stepped yet: the cancel cannot have taken
+    # effect, so the answer must say it is under way.
+    (claimed,) = api.queue.claim("test-worker", 1)
+    assert api.queue.start(claimed, "test-worker")
+    r = api.client.delete(f"/v1/rollouts/{job_id}")
+    assert r.status_code == 200 and r.json()["status"] == "cancelling", r.text
+    assert api.client.get(f"/v1/rollouts/{job_id}").json()["status"] == "cancelling"
+    listed = api.client.get("/v1/rollouts").json()["rollouts"]
+    assert [(j["id"], j["status"]) for j in listed] == [(job_id, "cancelling")]
+    api.queue.finish(claimed, JobStatus.cancelled)
+    assert api.client.get(f"/v1/rollouts/{job_id}").json()["status"] == "cancelled"
