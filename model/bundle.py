@@ -20,6 +20,11 @@ from safetensors.torch import load_file, save_file
 from model.config import SAMPLERS, SCHEDULES, BundleConfig
 from model.diffusion import NoiseSchedule
 from model.network import CausalVideoDiT
+from model.unet3d import UNet3D
+
+# The denoisers a bundle can name (config.architecture); the engine drives both through the
+# same call (see CausalVideoDiT.forward) and asks `causal` whether a KV cache may be used.
+Network = CausalVideoDiT | UNet3D
 
 PACKAGED_BUNDLES = Path(__file__).parent / "bundles"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
@@ -38,7 +43,7 @@ class Example:
 @dataclass
 class Bundle:
     config: BundleConfig
-    network: CausalVideoDiT
+    network: Network
     path: Path | None = None
 
     @property
@@ -115,6 +120,14 @@ def build_network(config: BundleConfig) -> CausalVideoDiT:
     return CausalVideoDiT(config.network, config.diffusion.timesteps)
 
 
+def build_denoiser(config: BundleConfig) -> Network:
+    """The network of the bundle's architecture (one file per architecture in model/)."""
+    if config.architecture == "unet3d":
+        assert config.unet is not None  # BundleConfig.from_dict checks it
+        return UNet3D(config.network, config.unet)
+    return build_network(config)
+
+
 def load_bundle(path: str | Path, dtype: torch.dtype = torch.float32) -> Bundle:
     path = Path(path)
     config = load_config(path)
@@ -123,7 +136,7 @@ def load_bundle(path: str | Path, dtype: torch.dtype = torch.float32) -> Bundle:
         pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
         why = f"only safetensors are loaded, pickle files {pickles} are refused" if pickles else ""
         raise ValueError(f"model bundle {path}: model.safetensors not found {why}".strip())
-    network = build_network(config)
+    network = build_denoiser(config)
     try:
         state = load_file(str(weights))
         network.load_state_dict(state)  # copied into float32 parameters, whatever was stored
@@ -135,7 +148,7 @@ def load_bundle(path: str | Path, dtype: torch.dtype = torch.float32) -> Bundle:
 def save_bundle(
     bundle_dir: str | Path,
     config: BundleConfig,
-    network: CausalVideoDiT,
+    network: torch.nn.Module,
     card: str = "",
     dtype: torch.dtype = torch.float32,
 ) -> Path:

@@ -14,7 +14,11 @@ SCHEDULES = ("pyramid", "autoregressive", "full_sequence", "trapezoid")
 SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
 BETA_SCHEDULES = ("linear", "cosine", "sigmoid")
 OBJECTIVES = ("eps", "v", "x0")
-CONTEXT_NOISE_MODES = ("relabel", "noised")
+# relabel: clean context labelled at context_noise; noised: really noised once; scaled: DF v1.5
+# stabilization, labelled at context_noise and multiplied by sqrt(alpha_bar) with no noise added
+# (df_base ddim_sample_step: q_sample(x, stabilization_level - 1, noise=0)).
+CONTEXT_NOISE_MODES = ("relabel", "noised", "scaled")
+ARCHITECTURES = ("dit", "unet3d")
 TRAIN_OBJECTIVES = ("diffusion_forcing", "teacher_forcing")
 
 
@@ -94,14 +98,38 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class UNet3DConfig:
+    """The diffusion-forcing research code's `Unet3D` (model/unet3d.py). Resolution, channels and
+    the window (max_frames) stay in NetworkConfig, which every architecture shares."""
+
+    dim: int = 64  # network_size: width of the first level; level i has dim * dim_mults[i]
+    dim_mults: tuple[int, ...] = (1, 2, 4, 8)
+    # feature-map sizes in pixels that get spatial + temporal attention (df_video.yaml's
+    # attn_resolutions; the reference turns them into factors resolution // r)
+    attn_resolutions: tuple[int, ...] = (16, 32, 64, 128)
+    attn_heads: int = 4
+    attn_dim_head: int = 64
+    groups: int = 8  # GroupNorm groups (resnet_block_groups)
+    use_linear_attn: bool = True  # linear spatial attention except at the deepest level
+    use_init_temporal_attn: bool = True
+    init_kernel_size: int = 7
+    rope_base: float = 10_000.0  # rotary time embedding (rotary-embedding-torch's theta)
+    frame_stack: int = 1  # frames stacked along channels per token (network channels = 3 * fs)
+
+
+@dataclass(frozen=True)
 class BundleConfig:
     name: str = "untitled"
+    # which network file builds the denoiser (model/bundle.py): the causal DiT of network.py, or
+    # the research code's 3-D U-Net (unet3d.py, then `unet` holds its settings)
+    architecture: str = "dit"
     network: NetworkConfig = field(default_factory=NetworkConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # Longest rollout the bundle allows per request (the server may lower it).
     max_rollout_frames: int = 2048
+    unet: UNet3DConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,16 +141,23 @@ class BundleConfig:
             "diffusion": DiffusionConfig,
             "data": DataConfig,
             "sampling": SamplingConfig,
+            "unet": UNet3DConfig,
         }
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
-            if key in parts:
+            if key == "unet" and value is None:
+                kwargs[key] = None
+            elif key in parts:
                 kwargs[key] = _build(parts[key], value, key)
             elif key in {f.name for f in fields(cls)}:
                 kwargs[key] = value
             else:
                 raise ValueError(f"config.json: unknown key {key!r}")
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        _one_of("architecture", config.architecture, ARCHITECTURES)
+        if (config.architecture == "unet3d") != (config.unet is not None):
+            raise ValueError("config.json: `unet` is required with architecture unet3d only")
+        return config
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
