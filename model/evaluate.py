@@ -250,6 +250,8 @@ class EvalSettings:
     long_frames: int = 1000  # the stability rollout
     fidelity_episodes: int = 4
     fidelity_frames: int = 8
+    persistence_contexts: int = 8  # rollouts of random moves for the persistence measure
+    persistence_frames: int = 240
     seed: int = 0
     max_batch: int = 32
     grid_windows: int = 4
@@ -298,6 +300,9 @@ def evaluate(
         result["stability"] = long_rollout(engine, bundle, episodes, sampling, st, out)
     if st.fidelity_episodes > 0 and bundle.config.data.env == "crafter":
         result["action_fidelity"] = action_fidelity(engine, bundle, episodes, sampling, st)
+        result["move_fidelity"] = move_fidelity(engine, bundle, episodes, sampling, st)
+    if st.persistence_frames > 0 and bundle.config.data.env == "crafter":
+        result["persistence"] = persistence(engine, bundle, episodes, sampling, st)
     (out / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2) + "\n")
     return result
 
@@ -326,6 +331,143 @@ def long_rollout(
     return result
 
 
+# --- move fidelity and persistence (Crafter: a 9x9 grid of tiles, the top 7 rows are world) ---
+
+MOVE_OFFSETS = {"move_left": (0, -1), "move_right": (0, 1), "move_up": (-1, 0),
+                "move_down": (1, 0)}  # fmt: skip  # where the player goes, in tiles
+WORLD_ROWS, VIEW_TILES, MAX_SHIFT = 7, 9, 3
+
+
+def world_area(frames: Tensor) -> Tensor:
+    """(..., C, H, W) -> the world part of Crafter's view (the inventory rows cut off)."""
+    tile = frames.shape[-1] // VIEW_TILES
+    return frames[..., : WORLD_ROWS * tile, : VIEW_TILES * tile]
+
+
+def best_tile_shift(before: Tensor, after: Tensor) -> tuple[int, int]:
+    """The whole-tile (dy, dx) that best maps the world area of `before` onto `after`:
+    after[y, x] ~ before[y - dy*tile, x - dx*tile] with the least MSE over the overlap.
+
+    A player step by (ty, tx) tiles scrolls the view by (-ty, -tx). (0, 0) wins ties, so a
+    still world reads as no shift."""
+    tile = before.shape[-1] // VIEW_TILES
+    a, b = world_area(before), world_area(after)
+    H, W = a.shape[-2:]
+    best, best_err = (0, 0), math.inf
+    shifts = [(dy, dx) for dy in range(-MAX_SHIFT, MAX_SHIFT + 1)
+              for dx in range(-MAX_SHIFT, MAX_SHIFT + 1)]  # fmt: skip
+    for dy, dx in sorted(shifts, key=lambda s: abs(s[0]) + abs(s[1])):
+        py, px = dy * tile, dx * tile
+        moved = a[..., max(-py, 0) : H - max(py, 0), max(-px, 0) : W - max(px, 0)]
+        target = b[..., max(py, 0) : H + min(py, 0), max(px, 0) : W + min(px, 0)]
+        err = float((moved - target).pow(2).mean())
+        if err < best_err - 1e-12:
+            best, best_err = (dy, dx), err
+    return best
+
+
+def spatial_detail(frames: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N,): per-frame pixel std of the world area, averaged over channels."""
+    return world_area(frames).double().flatten(2).std(-1).mean(-1)
+
+
+def _replay(seed: int, actions: np.ndarray, size: int, frame: np.ndarray) -> Any | None:
+    """The environment at the end of an episode prefix, or None if it does not replay."""
+    from model.data.crafter import make_env
+
+    env = make_env(seed, size)
+    obs = env.reset()
+    for a in actions:
+        obs, *_ = env.step(int(a))
+    return env if np.array_equal(obs, frame) else None
+
+
+def move_fidelity(
+    engine: RolloutEngine, bundle: Bundle, episodes: list[Episode], sampling: SamplingConfig,
+    st: EvalSettings,
+) -> dict[str, Any]:  # fmt: skip
+    """Hold each move for 3 frames from held-out contexts (DESIGN §7). A case counts where the
+    environment's world scrolls; it passes when the model's world scrolls by the same whole
+    tiles (best_tile_shift from the last context frame to the 3rd generated frame). Also the
+    mean MSE between the model's move_left and move_right rollouts against the env's."""
+    names = bundle.config.data.action_names
+    size = bundle.config.network.resolution
+    windows = pick_windows(episodes[: st.episodes], st.windows_per_episode, st.context, 3,
+                           st.seed)  # fmt: skip
+    cases, requests = [], []
+    for w in windows:
+        k, ep = w.first_generated, w.episode
+        env_frames = {}
+        for move in MOVE_OFFSETS:
+            env = _replay(ep.seed, ep.actions[1:k], size, ep.frames[k - 1])
+            if env is None:
+                log.warning("episode %d does not replay exactly; skipped", ep.seed)
+                break
+            env_frames[move] = uint8_to_unit(
+                np.stack([env.step(names.index(move))[0] for _ in range(3)]))
+        else:
+            cases.append((w, env_frames))
+            requests += [window_request(bundle, w, sampling, st.seed, (names.index(m),) * 3)
+                         for m in MOVE_OFFSETS]  # fmt: skip
+    preds = [to_unit(p) for p in run_batch(engine, requests, st.max_batch, "move fidelity")]
+    scrolled = same = 0
+    left_right: dict[str, list[float]] = {"model": [], "env": []}
+    per_move = {m: [0, 0] for m in MOVE_OFFSETS}  # passed, scrolled
+    for i, (w, env_frames) in enumerate(cases):
+        last = uint8_to_unit(w.episode.frames[w.first_generated - 1][None])[0]
+        model = dict(zip(MOVE_OFFSETS, preds[4 * i : 4 * i + 4], strict=True))
+        for move in MOVE_OFFSETS:
+            env_shift = best_tile_shift(last, env_frames[move][2])
+            if env_shift == (0, 0):
+                continue
+            ok = best_tile_shift(last, model[move][2]) == env_shift
+            scrolled += 1
+            same += ok
+            per_move[move][0] += ok
+            per_move[move][1] += 1
+        left_right["model"].append(float(mse_per_frame(model["move_left"],
+                                                       model["move_right"]).mean()))
+        left_right["env"].append(float(mse_per_frame(env_frames["move_left"],
+                                                     env_frames["move_right"]).mean()))
+    model_lr, env_lr = float(np.mean(left_right["model"])), float(np.mean(left_right["env"]))
+    return {
+        "contexts": len(cases),
+        "scrolling_cases": scrolled,
+        "same_tile_shift": same,
+        "same_tile_shift_fraction": same / max(scrolled, 1),
+        "per_move": {m: f"{a}/{b}" for m, (a, b) in per_move.items()},
+        "left_vs_right_mse": {"model": model_lr, "env": env_lr,
+                              "ratio": model_lr / max(env_lr, 1e-12)},
+    }  # fmt: skip
+
+
+def persistence(
+    engine: RolloutEngine, bundle: Bundle, episodes: list[Episode], sampling: SamplingConfig,
+    st: EvalSettings,
+) -> dict[str, Any]:  # fmt: skip
+    """Rollouts of st.persistence_frames random moves (runs of one move, as the data's policy
+    walks) from several held-out contexts: the world area's spatial detail over the last 60
+    frames against the real held-out frames' (DESIGN §7: no dissolving into one texture)."""
+    names = bundle.config.data.action_names
+    moves = [names.index(m) for m in MOVE_OFFSETS]
+    rng = np.random.default_rng(st.seed)
+    windows = pick_windows(episodes[: st.persistence_contexts], 1, st.context,
+                           1, st.seed)  # fmt: skip
+    requests = []
+    for i, w in enumerate(windows):
+        actions: list[int] = []
+        while len(actions) < st.persistence_frames:
+            actions += [int(rng.choice(moves))] * int(rng.geometric(1 / 3.5))
+        requests.append(window_request(bundle, w, sampling, st.seed + i,
+                                       tuple(actions[: st.persistence_frames])))  # fmt: skip
+    preds = [to_unit(p) for p in run_batch(engine, requests, st.max_batch, "persistence")]
+    tail = min(60, st.persistence_frames)
+    model = float(torch.cat([spatial_detail(p[-tail:]) for p in preds]).mean())
+    real = float(torch.cat([spatial_detail(uint8_to_unit(e.frames)) for e in episodes]).mean())
+    return {"rollouts": len(preds), "frames": st.persistence_frames, "last_frames": tail,
+            "model_detail": model, "real_detail": real, "ratio": model / real}  # fmt: skip
+
+
 def _policy_actions(bundle: Bundle, rng: np.random.Generator, n: int) -> list[int]:
     if bundle.config.data.env == "crafter":
         from model.data.crafter import RandomRunPolicy
@@ -339,8 +481,6 @@ def action_fidelity(
     st: EvalSettings,
 ) -> dict[str, Any]:  # fmt: skip
     """move_left vs move_right from one context, model against the env's own branches."""
-    from model.data.crafter import make_env
-
     names = bundle.config.data.action_names
     moves = {"left": names.index("move_left"), "right": names.index("move_right")}
     n = st.fidelity_frames
@@ -351,11 +491,10 @@ def action_fidelity(
             continue
         env_frames = {}
         for name, action in moves.items():  # replay the episode, then branch
-            env = make_env(ep.seed)
-            env.reset()
-            for a in ep.actions[1 : window.first_generated]:
-                obs, *_ = env.step(int(a))
-            if not np.array_equal(obs, ep.frames[window.first_generated - 1]):
+            k = window.first_generated
+            env = _replay(ep.seed, ep.actions[1:k], bundle.config.network.resolution,
+                          ep.frames[k - 1])  # fmt: skip
+            if env is None:
                 log.warning("episode %d does not replay exactly; skipped", ep.seed)
                 break
             env_frames[name] = uint8_to_unit(np.stack([env.step(action)[0] for _ in range(n)]))

@@ -64,6 +64,23 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+# The copies of the previous frame that copy_shifts offers, in patches (rows down, columns
+# right): as it was, and moved one patch in each of the four directions.
+COPY_SHIFTS: tuple[tuple[int, int], ...] = ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0))
+
+
+def shift_frames(x: Tensor, dy: int, dx: int) -> Tensor:
+    """x (..., R, R) moved dy pixels down and dx right; what enters from the edge is 0."""
+    if dy == 0 and dx == 0:
+        return x
+    R = x.shape[-1]
+    out = torch.zeros_like(x)
+    out[..., max(dy, 0) : R + min(dy, 0), max(dx, 0) : R + min(dx, 0)] = x[
+        ..., max(-dy, 0) : R + min(-dy, 0), max(-dx, 0) : R + min(-dx, 0)
+    ]
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: NetworkConfig):
         super().__init__()
@@ -147,7 +164,10 @@ class CausalVideoDiT(nn.Module):
         final_ada = nn.Linear(D, 2 * D)
         if cfg.copy_gate and not cfg.frame_skip:
             raise ValueError("network: copy_gate needs frame_skip (it gates the previous frame)")
-        gate = P * P if cfg.copy_gate else 0  # one gate logit per pixel
+        if cfg.copy_shifts and not cfg.copy_gate:
+            raise ValueError("network: copy_shifts needs copy_gate")
+        # one gate logit per pixel, or per pixel one logit per shifted copy plus "none"
+        gate = P * P * self.copy_choices if cfg.copy_gate else 0
         self.final = nn.Linear(D, P * P * C + gate)
         for layer in (final_ada, self.final):
             nn.init.zeros_(layer.weight)
@@ -157,6 +177,11 @@ class CausalVideoDiT(nn.Module):
     @property
     def null_action(self) -> int:
         return self.cfg.n_actions
+
+    @property
+    def copy_choices(self) -> int:
+        """Gate logits per pixel: 1 (sigmoid gate), or the shifted copies + "none" (softmax)."""
+        return len(COPY_SHIFTS) + 1 if self.cfg.copy_shifts else 1
 
     def patchify(self, x: Tensor) -> Tensor:
         B, A, C, R, _ = x.shape
@@ -218,13 +243,23 @@ class CausalVideoDiT(nn.Module):
         return self.unpatchify(out), new_keys, new_values
 
     def gated_copy(self, out: Tensor, previous: Tensor) -> Tensor:
-        """residual + sigmoid(gate) * previous, per pixel (the gate is shared by channels)."""
+        """residual + sigmoid(gate) * previous, per pixel (the gate is shared by channels);
+        with copy_shifts, residual + sum_k softmax(gates)_k * shift_k(previous), where the
+        softmax also has a "none" choice so a pixel can take the residual alone."""
         P, C = self.cfg.patch_size, self.cfg.channels
-        residual, gate_logits = out.split([P * P * C, P * P], dim=-1)
+        K = self.copy_choices
+        residual, gate_logits = out.split([P * P * C, P * P * K], dim=-1)
         B, A, N, _ = gate_logits.shape
-        gate = gate_logits.view(B, A, N, P * P, 1).expand(B, A, N, P * P, C)
-        gate = self.unpatchify(gate.reshape(B, A, N, P * P * C))
-        return self.unpatchify(residual) + torch.sigmoid(gate) * previous
+        gates = gate_logits.view(B, A, N, P * P, K, 1).expand(B, A, N, P * P, K, C)
+        gates = gates.permute(0, 4, 1, 2, 3, 5).reshape(B * K, A, N, P * P * C)
+        gates = self.unpatchify(gates).view(B, K, A, C, *previous.shape[-2:])  # per pixel
+        residual = self.unpatchify(residual)
+        if not self.cfg.copy_shifts:
+            return residual + torch.sigmoid(gates[:, 0]) * previous
+        weights = torch.softmax(gates, dim=1)  # (B, K, A, C, R, R); the last choice is "none"
+        for k, (dy, dx) in enumerate(COPY_SHIFTS):
+            residual = residual + weights[:, k] * shift_frames(previous, dy * P, dx * P)
+        return residual
 
     def attention_mask(self, frame_valid: Tensor, cache: BatchKV | None) -> Tensor:
         """(B, 1, A*N, K + A*N) bool: cached tokens (all earlier) + block-causal active ones."""

@@ -162,6 +162,81 @@ def diffusion_loss(
     return loss, {"levels": levels, "mask": mask, "actions": actions_in}
 
 
+# --- how much the loss depends on the action -------------------------------------------------
+
+OPPOSITE_MOVES = {"move_left": "move_right", "move_right": "move_left",
+                  "move_up": "move_down", "move_down": "move_up"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ActionProbe:
+    """Fixed held-out windows whose last frame follows a move, with that move reversed.
+
+    The diagnostic of the default-world issue: if the network used the action, predicting the
+    last frame from clean history with the opposite move must cost more than with the true
+    one. `action_gain` = loss(reversed) / loss(true) - 1; 0 means the action is ignored."""
+
+    x0: Tensor  # (B, A, C, R, R)
+    actions: Tensor  # (B, A) true
+    reversed_actions: Tensor  # (B, A) the last one replaced by the opposite move
+
+    def to(self, device: torch.device) -> ActionProbe:
+        return ActionProbe(*(t.to(device) for t in (self.x0, self.actions, self.reversed_actions)))
+
+
+def action_probe(
+    config: BundleConfig, episodes: list[Episode], windows: int = 48, seed: int = 0
+) -> ActionProbe | None:
+    names = config.data.action_names
+    opposite = {names.index(a): names.index(b) for a, b in OPPOSITE_MOVES.items() if a in names}
+    if not opposite:
+        return None
+    A, rng = config.data.n_frames, np.random.default_rng(seed)
+    frames: list[np.ndarray] = []
+    actions: list[np.ndarray] = []
+    for _ in range(windows * 50):
+        if len(frames) == windows:
+            break
+        ep = episodes[int(rng.integers(len(episodes)))]
+        if len(ep) < A + 1:
+            continue
+        s = int(rng.integers(1, len(ep) - A + 1))
+        last = int(ep.actions[s + A - 1])
+        changed = not np.array_equal(ep.frames[s + A - 2], ep.frames[s + A - 1])
+        if last in opposite and changed:
+            frames.append(ep.frames[s : s + A])
+            actions.append(ep.actions[s : s + A])
+    if not frames:
+        return None
+    x0 = torch.from_numpy(np.stack(frames)).permute(0, 1, 4, 2, 3).float()  # (B, A, C, R, R)
+    x0 = x0 / config.data.pixel_scale + config.data.pixel_shift
+    true = torch.from_numpy(np.stack(actions))
+    reversed_ = true.clone()
+    reversed_[:, -1] = torch.tensor([opposite[int(a)] for a in true[:, -1]])
+    return ActionProbe(x0, true, reversed_)
+
+
+@torch.no_grad()
+def action_gain(
+    net: CausalVideoDiT, ns: NoiseSchedule, probe: ActionProbe, history_level: int = 15
+) -> float:
+    """loss(reversed last action) / loss(true) - 1, for the last frame predicted from pure
+    noise (level T-1) after history at the context level."""
+    B, A = probe.actions.shape
+    levels = torch.full((B, A), history_level)
+    levels[:, -1] = ns.timesteps - 1
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(probe.x0.shape, generator=gen)
+    x = ns.q_sample(probe.x0, levels, noise)
+    positions = torch.arange(A).expand(B, A)
+    losses = []
+    for actions in (probe.actions, probe.reversed_actions):
+        out, _, _ = net(x, levels, actions, positions)
+        x0_hat = ns.to_x0(out[:, -1], x[:, -1], levels[:, -1])
+        losses.append(float((x0_hat - probe.x0[:, -1]).pow(2).mean()))
+    return losses[1] / max(losses[0], 1e-12) - 1
+
+
 # --- the trainer ------------------------------------------------------------------------------
 
 
@@ -282,6 +357,17 @@ class Trainer:
         os.replace(tmp, path)  # a crash never leaves a half-written checkpoint
         return path
 
+    def warm_start(self, bundle_dir: Path) -> None:
+        """Start from a shipped bundle's weights (model and EMA); the optimizer starts fresh."""
+        from model.bundle import load_bundle
+
+        bundle = load_bundle(bundle_dir)
+        if bundle.config.network != self.config.network:
+            raise ValueError(f"--init {bundle_dir}: its network config differs from "
+                             f"{self.config.name}'s; warm starts need the same architecture")
+        self.net.load_state_dict(bundle.network.state_dict())
+        self.ema.load_state_dict(bundle.network.state_dict())
+
     def load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=True)
         saved = BundleConfig.from_dict(json.loads(state["bundle_config"]))
@@ -321,7 +407,7 @@ def train_from_cli(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or args.out.with_name(args.out.name + ".run")
     result = run_training(
         bundle_config, train, args.data, args.out, run_dir, args.heldout, device,
-        steps=args.steps, minutes=args.minutes,
+        steps=args.steps, minutes=args.minutes, init=args.init,
     )  # fmt: skip
     print(f"bundle written to {result['bundle']} after {result['steps']} steps "
           f"({result['elapsed_s'] / 60:.1f} min, {result['samples']} samples)")  # fmt: skip
@@ -345,9 +431,14 @@ def run_training(
     steps: int | None = None,
     minutes: float | None = None,
     progress_bar: bool = True,
+    init: Path | None = None,
 ) -> dict[str, Any]:
     """Train until the step or wall-clock budget (both cumulative over resumes), checkpoint
-    along the way, then write the bundle. Returns a summary (also saved as summary.json)."""
+    along the way, then write the bundle. Returns a summary (also saved as summary.json).
+
+    A run resumes from run_dir's checkpoint when there is one; otherwise `init` (a bundle)
+    gives the starting weights. With held-out data, the action gain (`action_gain`) of the
+    EMA weights is logged every 5 log rows, so one sees whether the actions are being used."""
     _check_dataset_actions(config, load_meta(data))
     episodes = [e for e in load_episodes(data) if len(e) >= config.data.n_frames]
     if not episodes:
@@ -357,6 +448,10 @@ def run_training(
     if (run_dir / CHECKPOINT).is_file():
         trainer.load_checkpoint(run_dir / CHECKPOINT)
         log.info("resumed from %s at step %d", run_dir / CHECKPOINT, trainer.progress.step)
+    elif init is not None:
+        trainer.warm_start(init)
+        log.info("warm start from the bundle %s", init)
+    probe = action_probe(config, load_episodes(heldout)) if heldout is not None else None
     (run_dir / "train_config.json").write_text(json.dumps(asdict(train), indent=2) + "\n")
     budget_s = minutes * 60 if minutes is not None else math.inf
     max_steps = steps if steps is not None else 1 << 62
@@ -365,7 +460,7 @@ def run_training(
     with open(run_dir / LOG_FILE, "a", newline="") as fh, _bar(progress_bar) as bar:
         writer = csv.writer(fh)
         if new_log:
-            writer.writerow(["step", "loss", "lr", "samples_per_s", "elapsed_s"])
+            writer.writerow(["step", "loss", "lr", "samples_per_s", "elapsed_s", "action_gain"])
         task = bar.add_task("train", total=1.0, loss=float("nan"), rate=0.0, step=p.step)
         losses: list[float] = []
         t_last, samples_last = time.perf_counter(), p.samples
@@ -378,8 +473,11 @@ def run_training(
             if p.step % train.log_every == 0 or p.step >= max_steps or p.elapsed >= budget_s:
                 rate = (p.samples - samples_last) / max(now - t_last, 1e-9)
                 loss = float(np.mean(losses))
+                gain = ""
+                if probe is not None and p.step % (5 * train.log_every) == 0:
+                    gain = f"{action_gain(trainer.ema, trainer.ns, probe.to(trainer.device)):.4f}"
                 writer.writerow([p.step, f"{loss:.6f}", f"{trainer.lr_at(p.step - 1):.3e}",
-                                 f"{rate:.2f}", f"{p.elapsed:.1f}"])  # fmt: skip
+                                 f"{rate:.2f}", f"{p.elapsed:.1f}", gain])  # fmt: skip
                 fh.flush()
                 done = max(p.step / max_steps, p.elapsed / budget_s)
                 bar.update(task, completed=min(done, 1.0), loss=loss, rate=rate, step=p.step)

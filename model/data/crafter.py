@@ -1,11 +1,11 @@
 """Training data from the real Crafter environment (Hafner 2021, the ``crafter`` package).
 
-Each episode runs ``crafter.Env(size=64, seed=seed)`` from its reset observation under a
+Each episode runs ``crafter.Env(size=size, seed=seed)`` from its reset observation under a
 random policy seeded with the same ``seed``, for ``steps`` steps or until the player dies.
 Alignment (DESIGN §3): frames[0] is the reset observation and actions[0] = -1; actions[i]
 is the action that turned frames[i-1] into frames[i]. So an episode replays exactly:
 ``env = make_env(seed)``, ``env.reset()`` renders frames[0], then ``env.step(actions[i])``
-renders frames[i]. ``make_env`` is ``crafter.Env(size=64, seed=seed)`` with one fix: stock
+renders frames[i]. ``make_env`` is ``crafter.Env(size=size, seed=seed)`` with one fix: stock
 crafter is not reproducible (see ``DeterministicEnv``).
 
 Episode k of ``generate_dataset`` uses seed ``seed_start + k``. Held-out data is another
@@ -44,7 +44,10 @@ from model.data.shards import META_FILE, NO_ACTION, SHARD_PATTERN, Episode, writ
 log = logging.getLogger(__name__)
 
 CRAFTER_ACTIONS: tuple[str, ...] = tuple(crafter.constants.actions)  # 17, the env's order
-RESOLUTION = 64  # Crafter renders (64, 64, 3) uint8 RGB at size=64
+# Crafter draws its 9x9 view (9x7 world tiles over a 9x2 inventory) as square tiles of
+# size // 9 pixels. At 72 a tile is exactly 8 px, so 8-px patches are tiles and a player step
+# scrolls the world by exactly one patch; at 64 a tile is 7 px and patches straddle tiles.
+RESOLUTION = 72
 HELDOUT_SEED_START = 1_000_000  # held-out episodes: seeds from here on; training: 0, 1, ...
 MOVES = ("move_left", "move_right", "move_up", "move_down")
 
@@ -116,19 +119,21 @@ class DeterministicEnv(crafter.Env):
         super()._balance_object(chunk, ordered, *args, **kwargs)
 
 
-def make_env(seed: int) -> DeterministicEnv:
+def make_env(seed: int, size: int = RESOLUTION) -> DeterministicEnv:
     """The environment of an episode; replaying its actions reproduces its frames."""
     # length=None: episodes end at `steps` or at death, never at crafter's 10,000-step limit
     # (the length does not change the dynamics).
-    return DeterministicEnv(size=RESOLUTION, seed=seed, length=None)
+    return DeterministicEnv(size=size, seed=seed, length=None)
 
 
-def run_episode(seed: int, steps: int = 256, policy: RandomRunPolicy | None = None) -> Episode:
+def run_episode(
+    seed: int, steps: int = 256, policy: RandomRunPolicy | None = None, size: int = RESOLUTION
+) -> Episode:
     """One episode: reset, then up to ``steps`` policy actions; stops early at death."""
     policy = policy or RandomRunPolicy()
     planned = policy.actions(np.random.default_rng(seed), steps)
-    env = make_env(seed)
-    frames = np.empty((steps + 1, RESOLUTION, RESOLUTION, 3), dtype=np.uint8)  # (L+1, H, W, C)
+    env = make_env(seed, size)
+    frames = np.empty((steps + 1, size, size, 3), dtype=np.uint8)  # (L+1, H, W, C)
     actions = np.full(steps + 1, NO_ACTION, dtype=np.int64)
     frames[0] = env.reset()
     n, died = steps, False
@@ -143,13 +148,13 @@ def run_episode(seed: int, steps: int = 256, policy: RandomRunPolicy | None = No
     return Episode(frames, actions, seed, died)
 
 
-def _episode_job(job: tuple[int, int]) -> Episode:  # top level: picklable for spawn
-    seed, steps = job
-    return run_episode(seed, steps)
+def _episode_job(job: tuple[int, int, int]) -> Episode:  # top level: picklable for spawn
+    seed, steps, size = job
+    return run_episode(seed, steps, size=size)
 
 
-def _episodes(seeds: range, steps: int, workers: int) -> Iterator[Episode]:
-    jobs = [(s, steps) for s in seeds]
+def _episodes(seeds: range, steps: int, workers: int, size: int) -> Iterator[Episode]:
+    jobs = [(s, steps, size) for s in seeds]
     if workers == 1:
         yield from map(_episode_job, jobs)
         return
@@ -167,6 +172,7 @@ def generate_dataset(
     workers: int = 2,
     shard_episodes: int = 32,
     progress: bool = True,
+    size: int = RESOLUTION,
 ) -> Path:
     """Run ``episodes`` Crafter episodes (seeds seed_start, seed_start+1, ...) into shards.
 
@@ -175,7 +181,7 @@ def generate_dataset(
     """
     for name, value, low in [("episodes", episodes, 1), ("steps", steps, 1),
                              ("workers", workers, 1), ("shard_episodes", shard_episodes, 1),
-                             ("seed_start", seed_start, 0)]:
+                             ("seed_start", seed_start, 0), ("size", size, 9)]:
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     out = Path(out_dir)
@@ -199,7 +205,7 @@ def generate_dataset(
                TimeRemainingColumn())
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("crafter", total=episodes, frames=0)
-        for ep in _episodes(seeds, steps, min(workers, episodes)):
+        for ep in _episodes(seeds, steps, min(workers, episodes), size):
             pending.append(ep)
             n_frames += len(ep)
             deaths += ep.died
@@ -212,7 +218,7 @@ def generate_dataset(
     write_meta(out, {
         "env": "crafter",
         "env_version": version("crafter"),
-        "resolution": [RESOLUTION, RESOLUTION],
+        "resolution": [size, size],
         "channels": 3,
         "action_names": list(CRAFTER_ACTIONS),
         "alignment": "actions[i] produced frames[i] from frames[i-1]; actions[0] = -1 (reset)",

@@ -20,14 +20,17 @@ from model.evaluate import (
     EVAL_START,
     EvalSettings,
     aggregate_psnr,
+    best_tile_shift,
     evaluate,
     frame_stats,
     horizon_metrics,
     mse_per_frame,
     psnr_per_frame,
+    spatial_detail,
     ssim_per_frame,
     stability,
     update_card,
+    world_area,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
@@ -108,7 +111,8 @@ def crafter_episodes() -> list:
 def small_crafter_bundle(path: Path) -> Path:
     config = BundleConfig(
         name="eval-test",
-        network=NetworkConfig(patch_size=16, width=32, depth=1, heads=2, max_frames=8),
+        network=NetworkConfig(resolution=72, patch_size=8, width=32, depth=1, heads=2,
+                              max_frames=8),
         data=DataConfig(n_frames=8, action_names=CRAFTER_ACTIONS),
         sampling=SamplingConfig(steps=2, chunk_size=4),
     )
@@ -126,7 +130,8 @@ def test_evaluate_end_to_end_on_real_crafter(crafter_episodes, tmp_path):
     path = small_crafter_bundle(tmp_path / "bundle")
     bundle = load_bundle(path)
     settings = EvalSettings(episodes=2, windows_per_episode=1, frames=8, long_frames=12,
-                            fidelity_episodes=1, fidelity_frames=3, grid_windows=2)  # fmt: skip
+                            fidelity_episodes=1, fidelity_frames=3, grid_windows=2,
+                            persistence_contexts=2, persistence_frames=10)  # fmt: skip
     out = tmp_path / "eval"
     result = evaluate(bundle, crafter_episodes, out, bundle.config.sampling, settings)
     doc = json.loads((out / "metrics.json").read_text())
@@ -139,8 +144,15 @@ def test_evaluate_end_to_end_on_real_crafter(crafter_episodes, tmp_path):
     assert len(fid["episodes"]) == 1 and fid["frames"] == 3
     # the env's own branches really differ: left and right lead to different frames
     assert fid["episodes"][0]["env_left_vs_env_right"] > 0
+    moves = doc["move_fidelity"]
+    assert moves["contexts"] == 2 and moves["left_vs_right_mse"]["env"] > 0
+    assert 0 < moves["scrolling_cases"] <= 8  # 2 contexts x 4 moves, blocked ones don't count
+    assert 0 <= moves["same_tile_shift"] <= moves["scrolling_cases"]
+    persist = doc["persistence"]
+    assert persist["rollouts"] == 2 and persist["last_frames"] == 10
+    assert 0 < persist["real_detail"] and 0 <= persist["ratio"]
     grid = Image.open(out / "grid.png")
-    assert grid.size[1] > 2 * 2 * 64  # 2 windows x (truth row + rollout row), upscaled
+    assert grid.size[1] > 2 * 2 * 72  # 2 windows x (truth row + rollout row), upscaled
     assert (out / "window_0.mp4").stat().st_size > 0 and (out / "long_rollout.mp4").is_file()
     update_card(path, result, out / "grid.png")
     card = (path / "README.md").read_text()
@@ -155,3 +167,26 @@ def test_evaluation_rejects_too_short_episodes(tmp_path):
     settings = dataclasses.replace(EvalSettings(), long_frames=0, fidelity_episodes=0)
     with pytest.raises(ValueError, match="held-out"):
         evaluate(bundle, [short], tmp_path / "e", bundle.config.sampling, settings)
+
+
+def test_best_tile_shift_finds_a_scroll_by_whole_tiles():
+    """A 72-px frame (8-px tiles) of random tiles, scrolled by known whole tiles: the best
+    shift is exactly that scroll, whatever enters at the edge; a still frame reads (0, 0)."""
+    g = torch.Generator().manual_seed(0)
+    tiles = torch.rand(3, 20, 20, generator=g, dtype=torch.float64)
+    world = tiles.repeat_interleave(8, 1).repeat_interleave(8, 2)  # (3, 160, 160)
+    before = world[:, 40:112, 40:112]
+    assert best_tile_shift(before, before) == (0, 0)
+    for dy, dx in [(0, 1), (0, -1), (1, 0), (-1, 0), (2, -1)]:
+        # the view moves by (-dy, -dx) tiles, so its content moves by (dy, dx)
+        after = world[:, 40 - 8 * dy : 112 - 8 * dy, 40 - 8 * dx : 112 - 8 * dx]
+        assert best_tile_shift(before, after) == (dy, dx)
+
+
+def test_world_area_and_spatial_detail():
+    frames = torch.zeros(2, 3, 72, 72, dtype=torch.float64)
+    frames[1, :, :56:2] = 1.0  # stripes in the world area, nothing in the inventory rows
+    frames[:, :, 56:] = torch.rand(2, 3, 16, 72, dtype=torch.float64)  # inventory noise
+    assert world_area(frames).shape[-2:] == (56, 72)
+    detail = spatial_detail(frames)
+    assert detail[0] == 0 and detail[1] == pytest.approx(0.5, abs=0.01)

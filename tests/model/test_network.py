@@ -71,3 +71,25 @@ def test_frame_skip_sees_the_previous_frame_only(tiny_bundle):
                             before=x[:, 0])  # fmt: skip
     without, _, _ = net(x[:, 1:], levels[:, 1:], actions[:, 1:], positions[:, 1:])
     assert (with_before[:, 0] - without[:, 0]).abs().max() > 1e-4
+
+
+def test_copy_shifts_choose_a_shifted_previous_frame(tiny_bundle):
+    """copy_shifts: with a zero residual and one gate logit far above the others, the output
+    is the previous frame's input moved by exactly that choice's patch offset."""
+    import copy
+
+    from model.network import COPY_SHIFTS, shift_frames
+
+    net = copy.deepcopy(tiny_bundle.network)
+    assert net.cfg.copy_shifts
+    P, C = net.cfg.patch_size, net.cfg.channels
+    x, levels, actions, positions = inputs(net, frames=3)
+    for k, (dy, dx) in enumerate(COPY_SHIFTS):
+        with torch.no_grad():
+            net.final.weight.zero_()
+            bias = torch.zeros(P * P * C + P * P * net.copy_choices)
+            bias[P * P * C :].view(P * P, net.copy_choices)[:, k] = 50.0  # choose copy k
+            net.final.bias.copy_(bias)
+            out, _, _ = net(x, levels, actions, positions)
+        expected = shift_frames(x[:, :2], dy * P, dx * P)  # frame t copies frame t-1's input
+        torch.testing.assert_close(out[:, 1:], expected, atol=1e-5, rtol=0)
