@@ -27,7 +27,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -573,12 +573,11 @@ class AsyncClient(_Base):
     async def get(self, rollout_id: str) -> AsyncRollout:
         return AsyncRollout(self, (await self.request("GET", f"/v1/rollouts/{rollout_id}")).json())
 
-    async def session(self, *, format: str = "png", as_: str = "numpy", timeout: float = 120.0,
-                      **kw: Any) -> AsyncSession:
-        """`async with await client.session(...) as s: frame = await s.step("left")`."""
-        s = AsyncSession(self, rollout_body(**kw), format, as_, timeout)
-        await s._open()
-        return s
+    def session(self, *, format: str = "png", as_: str = "numpy", timeout: float = 120.0,
+                **kw: Any) -> AsyncSession:
+        """`async with client.session(...) as s: frame = await s.step("left")`; or
+        `s = await client.session(...)` and `await s.close()` at the end."""
+        return AsyncSession(self, rollout_body(**kw), format, as_, timeout)
 
     def _ws(self, url: str) -> Any:
         return aconnect(url, additional_headers=self._headers(), open_timeout=self.timeout,
@@ -663,6 +662,15 @@ class AsyncSession:
     fps = property(lambda self: self.ready.get("fps"))
     actions = property(lambda self: self.ready.get("actions"))
 
+    def __await__(self) -> Generator[Any, None, AsyncSession]:
+        return self._opened().__await__()
+
+    async def _opened(self) -> AsyncSession:
+        """Connected and started (once): what both `await` and `async with` give."""
+        if self.ws is None:
+            await self._open()
+        return self
+
     async def _open(self) -> None:
         self.ws = await self.client._ws(self.client._ws_url("/v1/sessions"))
         await self.ws.send(json.dumps({"type": "start", **self.start, "format": self.format}))
@@ -673,7 +681,7 @@ class AsyncSession:
             raise
 
     async def __aenter__(self) -> AsyncSession:
-        return self
+        return await self._opened()
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()

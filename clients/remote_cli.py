@@ -2,7 +2,9 @@
 Python client, with a live progress bar fed by the frame stream.
 
 -o out.mp4 writes the server's MP4; -o DIR/ (or a path without a suffix) writes the streamed
-PNGs as DIR/000.png, 001.png, ... (the server's exact frames).
+PNGs as DIR/000.png, 001.png, ... (the server's exact frames); other formats (out.gif,
+out.webm) are encoded here from the streamed frames by the caller's `encode`. Errors of the
+API (DfserveError) are left to the CLI, which prints them as one `error:` line.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from clients.client import Client, DfserveError
+from clients.client import Client
+
+Encode = Callable[[list[bytes], int], None]  # streamed PNGs and fps -> the output file
 
 SAMPLING = ("schedule", "sampler", "steps", "eta", "guidance", "chunk_size", "uncertainty_scale",
             "context_noise")  # fmt: skip
@@ -43,11 +48,9 @@ def request_params(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def _to_dir(out: Path) -> bool:
-    return str(out).endswith(os.sep) or out.is_dir() or not out.suffix
-
-
-def run_remote(args: argparse.Namespace) -> int:
+def run_remote(args: argparse.Namespace, kind: str, encode: Encode) -> int:
+    """kind: "frames" (a folder of PNGs), ".mp4" (the server's MP4) or another suffix that
+    `encode` writes from the streamed frames."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
     console = Console(stderr=True)
     out: Path = args.output
@@ -61,22 +64,21 @@ def run_remote(args: argparse.Namespace) -> int:
             raise ValueError("example: the model has no examples; pass --context or "
                              "--context-video")  # fmt: skip
         params["example"] = model["examples"][0]
-    try:
-        with Client(args.url, key) as client:
-            return _run(client, params, out, console)
-    except DfserveError as e:
-        console.print(f"[red]dfserve rollout: error:[/] {e}")
-        return 1
+    with Client(args.url, key) as client:
+        return _run(client, params, out, kind, encode, console)
 
 
-def _run(client: Client, params: dict[str, Any], out: Path, console: Console) -> int:
+def _run(client: Client, params: dict[str, Any], out: Path, kind: str, encode: Encode,
+         console: Console) -> int:
     rollout = client.rollout(**params)
     for note in rollout.notes:
         console.print(f"note: {note}")
-    total = rollout.status()["progress"]["frames_total"]
-    to_dir = _to_dir(out)
+    status = rollout.status()
+    total = status["progress"]["frames_total"]
+    to_dir = kind == "frames"
     if to_dir:
         out.mkdir(parents=True, exist_ok=True)
+    pngs: list[bytes] = []
     done: dict[str, Any] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn())  # fmt: skip
@@ -91,6 +93,8 @@ def _run(client: Client, params: dict[str, Any], out: Path, console: Console) ->
                 elif ev["type"] == "frame":
                     if to_dir:
                         (out / f"{ev['index']:03d}.png").write_bytes(ev["image"])
+                    elif kind != ".mp4":
+                        pngs.append(ev["image"])
                     elapsed = progress.tasks[0].elapsed or 0
                     rate = f"{(ev['index'] + 1) / elapsed:.1f} frames/s" if elapsed else ""
                     progress.update(task, completed=ev["index"] + 1, rate=rate)
@@ -104,8 +108,10 @@ def _run(client: Client, params: dict[str, Any], out: Path, console: Console) ->
         console.print(f"[red]rollout {rollout.id} {done.get('status')}[/]: "
                       f"{done.get('error') or ''}")  # fmt: skip
         return 1
-    if not to_dir:
+    if kind == ".mp4":
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(rollout.video())
+    elif not to_dir:
+        encode(pngs, int(status["params"]["fps"]))
     print(f"{total} frames written to {out} (rollout {rollout.id})")
     return 0

@@ -26,6 +26,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import AuthMiddleware
+from server.docs import add_offline_docs
 from server.metrics import Metrics
 from server.queue import Queue
 from server.routes import health, models, rollouts, sessions
@@ -116,6 +117,7 @@ def create_app(settings: Settings, queue: Queue | None = None) -> FastAPI:
                 app.state.queue = None
 
     app = FastAPI(title="dfserve", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # server/docs.py: offline ones
                   description="Diffusion-forcing video world models: queued rollouts, "
                               "streamed frames, MP4s.")  # fmt: skip
     app.state.settings, app.state.catalog, app.state.queue = settings, catalog, queue
@@ -133,6 +135,7 @@ def create_app(settings: Settings, queue: Queue | None = None) -> FastAPI:
                            expose_headers=["Location", "Retry-After", "X-Rollout-Id"])
     app.add_middleware(EdgeMiddleware, limit=settings.max_body_bytes,
                        metrics=app.state.metrics)
+    add_offline_docs(app)
     _mount_viewer(app)
     return app
 

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -156,7 +157,10 @@ def run_bench(args: argparse.Namespace) -> int:
     dtype = args.dtype or default_dtype(device.type)
     path = resolve_bundle(args.model)
     bundle = load_bundle(path, getattr(torch, dtype))
-    report: dict[str, Any] = {"device": hardware(device), "model": bundle.name, "dtype": dtype}
+    # The date and the hardware travel with the figures: docs/benchmarks/ keeps these JSONs,
+    # and the README's table quotes one.
+    report: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+                              "device": hardware(device), "model": bundle.name, "dtype": dtype}
     report["defaults"] = {
         "schedule": bundle.config.sampling.schedule,
         "sampler": bundle.config.sampling.sampler,

@@ -7,36 +7,78 @@ Each subcommand parses its flags and delegates to one function elsewhere; heavy 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from model.config import SAMPLERS, SCHEDULES
 
 log = logging.getLogger("dfserve")
+OWN_LOGGERS = ("dfserve", "model", "server", "clients")  # what -v turns to DEBUG
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(getattr(args, "verbose", False))
     try:
-        return int(args.func(args) or 0)
-    except ValueError as e:  # bad values from the user: one clear line, no traceback
-        print(f"dfserve {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe (`| head`) shows here, not at interpreter exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`dfserve models | head -1`): nothing more can be written.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return user_error(args.command, "the output was closed before the end (broken pipe)")
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        return user_error(args.command, describe_error(e))
+
+
+def configure_logging(verbose: bool) -> None:
+    """INFO for everything; -v turns on DEBUG for dfserve's own loggers only (libraries such
+    as PIL or httpx would flood the terminal with theirs)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose:
+        for name in OWN_LOGGERS:
+            logging.getLogger(name).setLevel(logging.DEBUG)
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Bad values (ValueError), unreadable or unwritable files (OSError), and refusals of a
+    dfserve server (the client's DfserveError): the user's to fix, so no traceback."""
+    if isinstance(e, (ValueError, OSError)):
+        return True
+    client = sys.modules.get("clients.client")  # never imported: none of its errors
+    return client is not None and isinstance(e, client.DfserveError)
+
+
+def describe_error(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
+
+
+def user_error(command: str, message: str) -> int:
+    """One `error:` line on stderr and exit code 2, for every user error of every command."""
+    print(f"dfserve {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error style: one line (no usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dfserve", description=__doc__)
+    parser = Parser(prog="dfserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -81,12 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--api-key", help="Bearer key for --url (or DFSERVE_API_KEY)")
     p.add_argument("-o", "--output", type=Path, required=True,
-                   help="out.mp4, or a folder (ending in /) for 000.png, 001.png, ...")  # fmt: skip
+                   help="out.mp4, out.gif, out.webm (by the suffix), or a folder (ending in / "
+                        "or without a suffix) for 000.png, 001.png, ...")  # fmt: skip
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("models", help="the bundles this installation can serve")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--models-dir", type=Path, action="append", default=[])
+    p.add_argument("--json", action="store_true", help="the document of GET /v1/models")
+    p.add_argument("--models-dir", type=Path, action="append",
+                   help="more bundle folders (default: DFSERVE_MODELS_DIR)")
+    p.add_argument("--model", help="the default model (default: DFSERVE_MODEL)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("dataset", help="generate training data from a real environment")
@@ -203,24 +248,28 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from server.rollout_cli import run_local, run_remote
+    from server.rollout_cli import check_files, run_local, run_remote
 
+    check_files(args)  # before loading a model or calling a server
     return run_remote(args) if args.url else run_local(args)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from model.bundle import describe, find_bundles, load_config
+    from server.routes.deps import Catalog
+    from server.routes.models import model_list
+    from server.settings import Settings
 
-    docs = [describe(load_config(p), p) for p in find_bundles(args.models_dir).values()]
+    # The server's own catalog and limits, so --json is exactly what GET /v1/models answers.
+    flags = {"models_dir": args.models_dir, "model": args.model}
+    doc = model_list(Catalog.from_settings(
+        Settings(**{k: v for k, v in flags.items() if v is not None})))
     if args.json:
-        print(json.dumps({"models": docs}, indent=2))
+        print(doc.model_dump_json(indent=2))
         return 0
-    for d in docs:
-        print(f"{d['id']}: {d['resolution']}x{d['resolution']} @ {d['fps']} fps, window "
-              f"{d['n_frames']} frames, {len(d['actions'])} actions, "
-              f"examples: {', '.join(d['examples']) or '-'}")  # fmt: skip
-    if not docs:
-        print("no model bundles found")
+    for m in doc.models:
+        print(f"{m.id}{' (default)' if m.default else ''}: {m.resolution}x{m.resolution} @ "
+              f"{m.fps} fps, window {m.n_frames} frames, {len(m.actions)} actions, "
+              f"examples: {', '.join(m.examples) or '-'}")  # fmt: skip
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,10 @@ from typing import Any
 import numpy as np
 
 from server import video
+
+log = logging.getLogger(__name__)
+# -o by suffix; a path ending in "/", an existing folder or no suffix is a folder of PNGs.
+ENCODERS = {".mp4": video.encode_mp4, ".gif": video.encode_gif, ".webm": video.encode_webm}
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -26,23 +31,52 @@ def parse_actions(text: str | None) -> list[str | int] | None:
 
 def read_context(args: argparse.Namespace, resolution: int) -> np.ndarray | None:
     """uint8 (K, R, R, 3) from --context images or --context-video; None for --example."""
-    if args.context:
-        frames = [video.decode_image(Path(p).read_bytes()) for p in args.context]
-    elif args.context_video:
-        frames = video.decode_video(Path(args.context_video).read_bytes())
-    else:
-        return None
+    try:
+        if args.context:
+            frames = []
+            for path in args.context:
+                where = f"context: {path}"
+                frames.append(video.decode_image(Path(path).read_bytes()))
+        elif args.context_video:
+            where = f"context_video: {args.context_video}"
+            frames = video.decode_video(Path(args.context_video).read_bytes())
+        else:
+            return None
+    except ValueError as e:  # name the file: "context: b.png: input is not a decodable image"
+        raise ValueError(f"{where}: {e}") from e
     return np.stack([video.resize_frame(f, resolution) for f in frames])
 
 
-def write_output(frames: list[np.ndarray], out: Path, fps: int) -> None:
+def output_kind(out: Path) -> str:
+    """"frames" (a folder of PNGs) or the suffix of a video format dfserve writes; a
+    ValueError naming the accepted ones for anything else (never MP4 bytes in a .gif)."""
     if str(out).endswith(os.sep) or out.is_dir() or not out.suffix:
+        return "frames"
+    if out.suffix.lower() not in ENCODERS:
+        raise ValueError(f"output: {out.suffix!r} is not a format dfserve writes; accepted: "
+                         f"{', '.join(ENCODERS)}, or a folder (ending in /) for PNGs")
+    return out.suffix.lower()
+
+
+def check_files(args: argparse.Namespace) -> None:
+    """Refuse a missing input file or an unknown output format before any work is done."""
+    output_kind(args.output)
+    inputs = [("context", p) for p in args.context or []]
+    inputs += [("context_video", args.context_video)] if args.context_video else []
+    for flag, path in inputs:
+        if not Path(path).is_file():
+            raise ValueError(f"{flag}: {path}: no such file")
+
+
+def write_output(frames: list[np.ndarray], out: Path, fps: int) -> None:
+    kind = output_kind(out)
+    if kind == "frames":
         out.mkdir(parents=True, exist_ok=True)
         for i, frame in enumerate(frames):
             (out / f"{i:03d}.png").write_bytes(video.encode_png(frame))
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(video.encode_mp4(frames, fps))
+        out.write_bytes(ENCODERS[kind](frames, fps))
 
 
 def run_local(args: argparse.Namespace) -> int:
@@ -66,6 +100,8 @@ def run_local(args: argparse.Namespace) -> int:
         actions = actions or list(ex.actions)
     prepared = prepare(bundle.config, context, actions, args.frames, sampling_overrides(args),
                        args.seed, context_actions)  # fmt: skip
+    log.debug("rollout of %s: %d frames, %s, seed %d", bundle.config.name,
+              prepared.request.frames, prepared.request.sampling, args.seed)
     for note in prepared.notes:
         print(f"note: {note}")
     engine = RolloutEngine(bundle, device=args.device)
@@ -83,4 +119,7 @@ def run_local(args: argparse.Namespace) -> int:
 def run_remote(args: argparse.Namespace) -> int:
     from clients.remote_cli import run_remote as remote
 
-    return remote(args)
+    def encode(pngs: list[bytes], fps: int) -> None:  # -o x.gif / x.webm from the stream
+        write_output([video.decode_image(p) for p in pngs], args.output, fps)
+
+    return remote(args, output_kind(args.output), encode)

@@ -93,6 +93,41 @@ def encode_mp4(frames: Sequence[np.ndarray], fps: int, scale: int = 1) -> bytes:
     return _faststart(buf.getvalue())
 
 
+def encode_webm(frames: Sequence[np.ndarray], fps: int) -> bytes:
+    """Encode RGB frames as WebM: VP9, yuv420p, even size (padded like encode_mp4)."""
+    if len(frames) == 0 or fps <= 0:
+        raise ValueError(f"need frames and fps > 0, got {len(frames)} frames at fps={fps}")
+    h, w = _check_frame(frames[0]).shape[:2]
+    pad_h, pad_w = h % 2, w % 2
+    buf = io.BytesIO()
+    time_base = Fraction(1, fps)
+    with av.open(buf, mode="w", format="webm") as container:
+        stream = container.add_stream("libvpx-vp9", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w + pad_w, h + pad_h, "yuv420p"
+        stream.codec_context.time_base = time_base
+        stream.options = {"crf": "20", "b:v": "0"}  # constant quality, no bitrate cap
+        for i, f in enumerate(frames):
+            f = np.pad(_check_frame(f), ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            vf = vf.reformat(format="yuv420p", interpolation=_TO_YUV)
+            vf.pts, vf.time_base = i, time_base
+            container.mux(stream.encode(vf))
+        container.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def encode_gif(frames: Sequence[np.ndarray], fps: int) -> bytes:
+    """Encode RGB frames as an endlessly looping GIF (a palette of up to 256 colours each)."""
+    if len(frames) == 0 or fps <= 0:
+        raise ValueError(f"need frames and fps > 0, got {len(frames)} frames at fps={fps}")
+    images = [Image.fromarray(_check_frame(f)) for f in frames]
+    buf = io.BytesIO()
+    # GIF delays are in hundredths of a second; Pillow rounds the millisecond duration.
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:],
+                   duration=round(1000 / fps), loop=0, optimize=False)
+    return buf.getvalue()
+
+
 def _boxes(data: bytes | bytearray, start: int, end: int) -> Iterator[tuple[bytes, int, int, int]]:
     """Yield (type, box start, payload start, box end) for the ISO-BMFF boxes in [start, end)."""
     pos = start

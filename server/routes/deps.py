@@ -40,10 +40,21 @@ def value_error(e: ValueError, config: BundleConfig | None = None, status: int =
     """Map a ValueError whose message starts with "field: " (model/, video, inputs) to a 4xx
     naming that field and, where a fixed set exists, its accepted values."""
     if isinstance(e, InputError):
-        return ApiError(status, e.field, e.message, e.accepted)
+        return ApiError(status, e.field, _unlisted(e.message, e.accepted), e.accepted)
     m = _FIELD.match(str(e))
     name, message = (m.group(1), m.group(2)) if m else (None, str(e))
-    return ApiError(status, name, message, accepted_values(name, config))
+    accepted = accepted_values(name, config)
+    return ApiError(status, name, _unlisted(message, accepted), accepted)
+
+
+_LISTED = re.compile(r" is not one of [\[(].*[\])]", re.S)
+
+
+def _unlisted(message: str, accepted: Any) -> str:
+    """model/ lists the accepted values in its messages; the API's body carries them in
+    `accepted`, so the message drops its copy (clients show both, and 17 names twice is
+    noise)."""
+    return message if accepted is None else _LISTED.sub(" is not an accepted value", message)
 
 
 def accepted_values(name: str | None, config: BundleConfig | None) -> Any:

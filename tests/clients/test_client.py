@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import av
 import httpx
 import numpy as np
 import pytest
@@ -124,7 +126,7 @@ def test_cancel(client: Client) -> None:
     r = client.rollout(example="random", frames=500, seed=4, steps=8)
     events = r.events()
     assert next(ev for ev in events if ev["type"] == "frame")["index"] == 0
-    assert r.cancel()["status"] in ("running", "cancelled")
+    assert r.cancel()["status"] in ("cancelling", "cancelled")  # under way, or already done
     rest = [ev for ev in events if ev["type"] != "frame"]
     assert rest[-1]["type"] == "done" and rest[-1]["status"] == "cancelled"
     doc = r.wait(timeout=30)
@@ -266,9 +268,17 @@ def test_async_client(server: Server) -> None:
             assert len(video.decode_video(await r.video())) == 5
             with pytest.raises(BadRequest):
                 await c.rollout(example="random", sampler="nope")
-            async with await c.session(example="random", seed=7, steps=3) as s:
+            async with c.session(example="random", seed=7, steps=3) as s:  # no `await`
                 got = await s.step(["left", "up"])
-                assert len(got) == 2 and s.frames_received == 2
+                assert len(got) == 2 and s.frames_received == 2 and s.id
+            # Awaited, it opens the same session; the same seed gives the same frames.
+            s = await c.session(example="random", seed=7, steps=3)
+            try:
+                again = await s.step(["left", "up"])
+                assert all(np.array_equal(a, b) for a, b in zip(got, again, strict=True))
+            finally:
+                done = await s.close()
+            assert done is not None and done["type"] == "done"
 
     asyncio.run(main())
 
@@ -287,7 +297,17 @@ def test_rollout_cli_through_the_server(server: Server, tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert len(video.decode_video(out.read_bytes())) == 6
     run = cli("--context", str(tmp_path / "a.png"), "-o", str(out))  # a missing file
-    assert run.returncode != 0
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.splitlines() == [f"dfserve rollout: error: context: {tmp_path / 'a.png'}: "
+                                       "no such file"], run.stderr
+    for suffix, codec in ((".gif", "gif"), (".webm", "vp9")):  # encoded from the stream
+        other = tmp_path / f"out{suffix}"
+        run = cli("--example", "random", "--frames", "4", "--steps", "2", "-o", str(other))
+        assert run.returncode == 0, run.stderr
+        with av.open(io.BytesIO(other.read_bytes())) as container:
+            assert container.streams.video[0].codec_context.name == codec
+        decoded = video.decode_video(other.read_bytes())
+        assert len(decoded) == 4 and decoded[0].shape == (16, 16, 3)
     folder = tmp_path / "frames"
     pngs = [video.encode_png(np.full((16, 16, 3), v, np.uint8)) for v in (10, 200)]
     for i, png in enumerate(pngs):
@@ -300,5 +320,7 @@ def test_rollout_cli_through_the_server(server: Server, tmp_path: Path) -> None:
     for i in range(3):  # the server's exact PNGs
         stored = httpx.get(f"{server.url}/v1/rollouts/{job_id}/frames/{i}").content
         assert (folder / f"{i:03d}.png").read_bytes() == stored
-    run = cli("--example", "nope", "-o", str(out))
-    assert run.returncode == 1 and "example" in run.stderr and "random" in run.stderr
+    run = cli("--example", "nope", "-o", str(out))  # the server's 422: one line, code 2
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    (line,) = run.stderr.splitlines()
+    assert line.startswith("dfserve rollout: error: 422 example:") and "random" in line

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 
+import av
+import fakeredis
 import numpy as np
+import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
-from model.bundle import describe, load_config
+from server.app import create_app
+from server.queue import Queue
+from server.settings import Settings
 from server.video import decode_video, probe_mp4
 
 
@@ -55,5 +62,92 @@ def test_rollout_local_rejects_bad_values_by_name(tiny_bundle_dir, tmp_path):
 def test_models_json_is_the_api_document(tiny_bundle_dir):
     r = dfserve("models", "--json", "--models-dir", str(tiny_bundle_dir.parent))
     assert r.returncode == 0, r.stderr
-    docs = {d["id"]: d for d in json.loads(r.stdout)["models"]}
-    assert docs["tiny"] == describe(load_config(tiny_bundle_dir), tiny_bundle_dir)
+    settings = Settings(models_dir=[tiny_bundle_dir.parent])
+    with TestClient(create_app(settings, Queue(fakeredis.FakeRedis()))) as api:
+        served = api.get("/v1/models").json()
+    assert json.loads(r.stdout) == served  # `default` keys and the enforced frame limit too
+    assert {m["id"]: m["default"] for m in served["models"]}[served["default"]] is True
+    assert all(m["max_rollout_frames"] == settings.max_frames for m in served["models"])
+    r = dfserve("models", "--models-dir", str(tiny_bundle_dir.parent), "--model", "tiny")
+    assert r.returncode == 0 and "tiny (default): 16x16" in r.stdout, r.stdout
+
+
+# ------------------------------------------------------------------------------ user errors
+
+USER_ERRORS = [
+    (["rollout", "--local", "--context", "missing.png", "-o", "x.mp4"], "missing.png"),
+    (["rollout", "--local", "--context-video", "missing.mp4", "-o", "x.mp4"], "missing.mp4"),
+    (["rollout", "--local", "--context", "{junk}", "-o", "x.mp4"], "not a decodable image"),
+    (["rollout", "--local", "--model", "{tiny}", "-o", "x.avi"], ".webm"),
+    (["rollout", "--local", "--model", "nope", "-o", "x.mp4"], "nope"),
+    (["rollout", "--local", "--schedule", "zigzag", "-o", "x.mp4"], "trapezoid"),
+    (["rollout", "--local", "--model", "{tiny}", "--steps", "0", "-o", "x.mp4"], "steps"),
+    (["rollout", "--local", "--model", "{tiny}", "-o", "{tmp}/no/such/dir/x.mp4"],
+     "Not a directory"),
+    (["rollout", "-o", "x.mp4"], "--url"),
+    (["models", "--model", "nope"], "nope"),
+    (["train", "--data", "missing-data", "--out", "b", "--steps", "1"], "missing-data"),
+    (["eval", "--model", "{tiny}", "--data", "missing-data"], "missing-data"),
+    (["bench", "--model", "nope", "--quick"], "nope"),
+    (["worker", "--model", "{tiny}"], "DFSERVE_REDIS_URL"),
+    (["serve", "--model", "nope", "--port", "1"], "nope"),
+    (["dataset", "crafter", "--episodes", "0", "--out", "d"], "episodes"),
+    (["frobnicate"], "frobnicate"),
+]
+
+
+@pytest.mark.parametrize(("args", "named"), USER_ERRORS,
+                         ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(USER_ERRORS)])
+def test_every_user_error_is_one_line_and_exit_code_2(args, named, tiny_bundle_dir, tmp_path,
+                                                      monkeypatch):
+    junk = tmp_path / "junk.png"
+    junk.write_text("not an image")
+    (tmp_path / "no").write_text("a file where a folder should be")
+    subst = {"{tiny}": str(tiny_bundle_dir), "{junk}": str(junk), "{tmp}": str(tmp_path)}
+    args = [subst.get(a, a).replace("{tmp}", str(tmp_path)) for a in args]
+    monkeypatch.delenv("DFSERVE_REDIS_URL", raising=False)
+    r = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    errors = [line for line in r.stderr.splitlines() if " error: " in line]
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(errors) == 1, r.stderr
+    assert errors[0].startswith("dfserve") and named in errors[0], errors[0]
+    assert r.stderr.splitlines()[-1] == errors[0]  # the error is the last word, not buried
+
+
+def test_a_closed_pipe_is_one_error_line_not_a_traceback(tiny_bundle_dir):
+    """`dfserve models --json | head -c 1`: the reader is gone before dfserve writes."""
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "models", "--json",
+                             "--models-dir", str(tiny_bundle_dir.parent)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the interpreter has even started: every write fails
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 2, stderr
+    assert stderr.splitlines() == ["dfserve models: error: the output was closed before the "
+                                   "end (broken pipe)"], stderr
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [(".gif", "gif"), (".webm", "vp9"),
+                                               (".MP4", "h264")])
+def test_rollout_output_format_follows_the_suffix(suffix, codec, tiny_bundle_dir, tmp_path):
+    out = tmp_path / f"out{suffix}"
+    r = dfserve("rollout", "--local", "--model", str(tiny_bundle_dir), "--frames", "5",
+                "--steps", "2", "-o", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = out.read_bytes()
+    with av.open(io.BytesIO(data)) as container:
+        assert container.streams.video[0].codec_context.name == codec
+    frames = decode_video(data)
+    assert len(frames) == 5 and frames[0].shape[:2] in ((16, 16),)
+
+
+def test_verbose_logs_dfserve_debug_lines_without_library_noise(tiny_bundle_dir, tmp_path):
+    ctx = tmp_path / "ctx.png"
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(ctx)
+    r = dfserve("-v", "rollout", "--local", "--model", str(tiny_bundle_dir), "--context",
+                str(ctx), "--frames", "2", "--steps", "2", "-o", str(tmp_path / "o.gif"))
+    assert r.returncode == 0, r.stderr
+    assert "DEBUG server.rollout_cli" in r.stderr, r.stderr  # -v does turn on our debug lines
+    debug = [line for line in r.stderr.splitlines() if " DEBUG " in line]
+    assert all(" DEBUG server." in line or " DEBUG model." in line for line in debug), debug

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 from tests.e2e.conftest import DFSERVE
@@ -21,6 +22,7 @@ def test_bench_reports_every_figure(tiny_bundle_dir: Path) -> None:
     out = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
     report = json.loads(out.stdout)
     assert report["model"] == "tiny" and "CPU" in report["device"]
+    assert datetime.fromisoformat(report["date"]).tzinfo is not None  # docs/benchmarks/ needs it
     for key in FIGURES:
         assert math.isfinite(report[key]) and report[key] > 0, (key, report[key])
     assert set(report["aggregate_fps"]) == {"1", "8"}
