@@ -1,26 +1,55 @@
-# dfserve — the README's commands. Every target installs what it needs on a fresh machine.
+# dfserve — the README's commands. Every target installs what it needs on a fresh machine,
+# and no more: serving needs the package alone; the test and training extras come with
+# `make test` and `make train`.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
+TRAIN_STAMP := $(VENV)/.installed-train
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
+# make train: a dataset from the real Crafter environment, then a bundle (DEVELOPERS.md has
+# the exact recipe of the shipped model)
+CONFIG   ?= crafter-cpu
+EPISODES ?= 400
+DATA     ?= data/crafter-train$(EPISODES)
+BUNDLE   ?= runs/$(CONFIG)-bundle
+MINUTES  ?= 60
 
-.PHONY: serve test bench lint install clean
+.PHONY: serve test train bench lint install clean
 
 install: $(STAMP)
 
 # torch is pinned to the CPU build on this disk first: a looser pin downloads a CUDA build.
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[train,test]'
-	touch $(STAMP)
 
-serve: $(STAMP)
+$(SERVE_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e .
+	touch $@
+
+$(TRAIN_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e '.[train]'
+	touch $@
+
+# Everything (the tests cover training too): what `make test`, `make lint` and `make bench` use.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e '.[train,test]'
+	touch $(SERVE_STAMP) $(TRAIN_STAMP) $@
+
+serve: $(SERVE_STAMP)
 	$(VENV)/bin/dfserve serve --host $(HOST) --port $(PORT)
+
+train: $(TRAIN_STAMP) $(DATA)/meta.json
+	$(VENV)/bin/dfserve train --config $(CONFIG) --data $(DATA) --out $(BUNDLE) \
+	    --minutes $(MINUTES)
+
+$(DATA)/meta.json: | $(TRAIN_STAMP)
+	$(VENV)/bin/dfserve dataset crafter --episodes $(EPISODES) --out $(DATA)
 
 test: $(STAMP)
 	@# the web tests drive Debian's Chromium (Playwright cannot download browsers here)
@@ -30,7 +59,7 @@ test: $(STAMP)
 	mkdir -p artifacts
 	$(VENV)/bin/pytest -q -rs --junitxml=artifacts/junit.xml $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(SERVE_STAMP)
 	$(VENV)/bin/dfserve bench
 
 lint: $(STAMP)
