@@ -11,7 +11,7 @@ const el = {
   frames: $("frames"), actions: $("actions"), start: $("start"), cancel: $("cancel"),
   download: $("download"), play: $("play"), idleNoop: $("idle-noop"), canvas: $("frame"),
   overlay: $("overlay"), status: $("status"), progress: $("progress"), counter: $("counter"),
-  legend: $("legend"), notes: $("notes"),
+  legend: $("legend"), notes: $("notes"), error: $("error"),
 };
 const ctx = el.canvas.getContext("2d", { willReadFrequently: true });
 const state = {
@@ -94,6 +94,12 @@ function setStatus(text, kind) {
   el.status.className = `status ${kind || text}`;
 }
 
+// Errors get their own line under the canvas, which wraps: the status pill only says "error".
+function showError(message) {
+  el.error.textContent = message;
+  el.error.hidden = !message;
+}
+
 function setProgress(done, total) {
   el.progress.max = Math.max(total || 1, 1);
   el.progress.value = done;
@@ -110,10 +116,13 @@ function setBusy(mode) { // null | "rollout" | "play"
                    el.guidance, el.seed, el.frames, el.actions]) c.disabled = mode !== null;
 }
 
-function resetCanvas() {
+function resetCanvas() { // a new run: no frame of the previous one stays on screen
   state.shown = 0;
   el.canvas.dataset.frames = "0";
-  el.overlay.hidden = true;
+  ctx.clearRect(0, 0, el.canvas.width, el.canvas.height);
+  el.overlay.textContent = "waiting for the first frame…";
+  el.overlay.hidden = false;
+  showError("");
 }
 
 function drawFrame(blob, counts = true) {
@@ -126,6 +135,7 @@ function drawFrame(blob, counts = true) {
     ctx.imageSmoothingEnabled = false;
     ctx.drawImage(bitmap, 0, 0);
     bitmap.close();
+    el.overlay.hidden = true;
     if (counts) {
       state.shown += 1;
       el.canvas.dataset.frames = String(state.shown);
@@ -145,8 +155,7 @@ async function loadModels() {
     setStatus("idle");
   } catch (e) {
     setStatus("error");
-    el.overlay.hidden = false;
-    el.overlay.textContent = `Could not load the models: ${e.message}`;
+    showError(`Could not load the models: ${e.message}`);
   }
 }
 
@@ -268,7 +277,8 @@ async function finishRollout(msg) {
   const ro = state.rollout;
   ro.done = true;
   await state.draws;
-  setStatus(msg.status + (msg.error ? `: ${msg.error}` : ""), msg.status);
+  setStatus(msg.status, msg.status);
+  showError(msg.error || "");
   if (msg.status === "succeeded") setProgress(ro.total, ro.total);
   el.download.disabled = msg.status !== "succeeded";
   setBusy(null);
@@ -304,7 +314,8 @@ async function downloadVideo() {
 }
 
 function fail(message) {
-  setStatus(`error: ${message}`, "error");
+  setStatus("error", "error");
+  showError(message);
   if (state.rollout) { state.rollout.done = true; state.rollout.ws?.close(); }
   setBusy(null);
 }
@@ -395,7 +406,8 @@ async function startPlay() {
     } else if (msg.type === "frame" || msg.type === "context") s.header = msg;
     else if (msg.type === "error") {
       s.inflight = 0;
-      setStatus(`error: ${errorMessage(msg)}`, "error");
+      setStatus("error", "error");
+      showError(errorMessage(msg));
     } else if (msg.type === "done") {
       s.ended = true;
       setStatus(msg.reason || msg.error || `session ${msg.status}`, "idle");
@@ -447,9 +459,17 @@ function keyOf(ev) {
   return ev.key.length === 1 ? ev.key.toLowerCase() : ev.key;
 }
 
+// Keys typed into a text field or a select are the field's; a focused checkbox or button
+// (just clicked) must not swallow Play's keys.
+function typingIn(target) {
+  if (target instanceof HTMLSelectElement || target instanceof HTMLTextAreaElement) return true;
+  return target instanceof HTMLInputElement &&
+    !["checkbox", "radio", "button", "submit", "reset", "range", "file"].includes(target.type);
+}
+
 document.addEventListener("keydown", (ev) => {
   const s = state.session;
-  if (!s || !s.keys.size || ev.target instanceof HTMLInputElement) return;
+  if (!s || !s.keys.size || typingIn(ev.target)) return;
   const action = s.keys.get(keyOf(ev));
   if (action === undefined) return;
   ev.preventDefault();
@@ -458,9 +478,10 @@ document.addEventListener("keydown", (ev) => {
 });
 document.addEventListener("keyup", (ev) => {
   const s = state.session;
-  if (!s) return;
+  if (!s || typingIn(ev.target)) return;
   const action = s.keys.get(keyOf(ev));
   if (action === undefined) return;
+  ev.preventDefault(); // space on a focused button or checkbox would click it on keyup
   s.held.delete(action);
   el.legend.querySelector(`[data-action="${s.actions[action]}"]`)?.classList.remove("active");
 });

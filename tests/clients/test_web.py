@@ -6,12 +6,15 @@ Playwright), against a real `dfserve serve` process. Screenshots go to artifacts
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from server import video
 from tests.clients.conftest import Server
@@ -136,3 +139,126 @@ def test_play_with_the_keyboard(page: Page) -> None:
     tid("play").click()  # Stop
     expect(tid("play")).to_have_text("Play", timeout=10_000)
     expect(legend).to_be_hidden()
+
+
+VIEWPORT_WIDTH = 1200
+BLANK = "c => !c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v)"
+
+
+def test_a_long_error_wraps_and_lists_the_accepted_actions_once(page: Page) -> None:
+    tid = page.get_by_test_id
+    tid("actions").fill("x" * 600 + ", left")  # an unknown name with no space to break at
+    tid("start").click()
+    expect(tid("status")).to_have_text("error", timeout=30_000)
+    error = tid("error")
+    expect(error).to_be_visible()
+    text = error.text_content() or ""
+    assert "actions" in text and "x" * 600 in text, text
+    for name in ("noop", "left", "right", "up"):
+        assert text.count(name) == 1, text  # the message does not repeat `accepted`
+    assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT_WIDTH
+    for testid in ("error", "frame", "status"):
+        box = tid(testid).bounding_box()
+        assert box is not None and 0 <= box["x"] and box["x"] + box["width"] <= VIEWPORT_WIDTH
+    status = tid("status").bounding_box()
+    assert status is not None and status["width"] < 120  # the pill says "error", no more
+    expect(tid("start")).to_be_enabled()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "long-error.png"))
+
+
+def test_play_keys_work_after_a_click_on_the_idle_checkbox(page: Page) -> None:
+    tid = page.get_by_test_id
+    tid("play").click()
+    expect(tid("status")).to_contain_text("playing", timeout=60_000)
+    checkbox = tid("idle-noop")
+    checkbox.click()
+    checkbox.click()  # on and off again: no idle frames, and the checkbox keeps the focus
+    expect(checkbox).not_to_be_checked()
+    assert page.evaluate("document.activeElement.id") == "idle-noop"
+    canvas = tid("frame")
+    before = int(canvas.get_attribute("data-frames") or 0)
+    for key in ("ArrowLeft", "ArrowRight", "ArrowUp", "a"):
+        page.keyboard.press(key)
+    # At most two idle frames can still be in flight from the moment the box was ticked (the
+    # page keeps two requests in flight at most), so four more frames need the keys.
+    page.wait_for_function("n => Number(document.querySelector('[data-testid=frame]')"
+                           ".dataset.frames) >= n", arg=before + 4, timeout=60_000)
+    assert tid("status").text_content().startswith("playing")
+    tid("play").click()
+    expect(tid("play")).to_have_text("Play", timeout=10_000)
+
+
+def test_start_clears_the_previous_frame_and_the_favicon_loads(page: Page,
+                                                               server: Server) -> None:
+    failed: list[str] = []
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400
+            else None)  # fmt: skip
+    page.reload()
+    tid = page.get_by_test_id
+    expect(tid("model")).to_have_value("tiny")
+    icon = page.evaluate("async () => { const r = await fetch("
+                         "document.querySelector('link[rel=icon]').href); "
+                         "return [r.status, r.headers.get('content-type')]; }")  # fmt: skip
+    assert icon == [200, "image/svg+xml"], icon
+    canvas = tid("frame")
+    tid("frames").fill("4")
+    tid("start").click()
+    expect(tid("status")).to_have_text("succeeded", timeout=60_000)
+    assert not canvas.evaluate(BLANK)
+
+    # A long rollout holds the only batch slot, so the page's next one waits in the queue
+    # with nothing of its own to show yet.
+    blocker = httpx.post(f"{server.url}/v1/rollouts", json={"example": "random",
+                                                             "frames": 500, "steps": 50})
+    assert blocker.status_code == 202, blocker.text
+    blocker_url = f"{server.url}{blocker.json()['links']['self']}"
+    deadline = time.monotonic() + 60
+    while httpx.get(blocker_url).json()["status"] != "running":
+        assert time.monotonic() < deadline, "the blocking rollout never started"
+        time.sleep(0.05)
+    tid("start").click()
+    expect(tid("status")).to_contain_text("queued", timeout=30_000)
+    assert canvas.get_attribute("data-frames") == "0"
+    assert canvas.evaluate(BLANK), "the previous rollout's last frame is still on screen"
+    expect(page.locator("#overlay")).to_be_visible()
+    httpx.delete(blocker_url)
+    expect(tid("status")).to_have_text("succeeded", timeout=60_000)
+    assert canvas.get_attribute("data-frames") == "4" and not canvas.evaluate(BLANK)
+    expect(page.locator("#overlay")).to_be_hidden()
+    assert failed == [], failed
+
+
+def test_docs_and_redoc_load_with_no_network(browser: Browser, server: Server) -> None:
+    """/docs and /redoc with every request outside the server refused, as on a machine
+    without internet access: both must render the API from the server's own files."""
+    outside: list[str] = []
+
+    def only_the_server(route: Route) -> None:
+        if route.request.url.startswith(server.url + "/"):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context = browser.new_context(viewport={"width": VIEWPORT_WIDTH, "height": 820})
+    context.route("**/*", only_the_server)
+    page = context.new_page()
+    try:
+        page.goto(f"{server.url}/docs")
+        expect(page.locator(".swagger-ui .info .title")).to_contain_text("dfserve",
+                                                                          timeout=30_000)
+        expect(page.locator(".opblock-summary-path", has_text="/v1/rollouts").first
+               ).to_be_visible()  # fmt: skip
+        page.goto(f"{server.url}/redoc")
+        expect(page.get_by_role("heading", name=re.compile("dfserve")).first).to_be_visible(
+            timeout=30_000)
+        expect(page.get_by_text("/v1/rollouts").first).to_be_attached()
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "redoc.png"))
+    finally:
+        context.close()
+    assert outside == [], outside
+    for path in ("/docs", "/redoc"):
+        html = httpx.get(f"{server.url}{path}").text
+        assert not re.findall(r"https?://", html), f"{path} references an external URL"
