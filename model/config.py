@@ -273,6 +273,10 @@ class TrainConfig:
     cum_snr_decay: float = 0.9  # DF's fused SNR: decay of the history's SNR (0 = plain min-SNR)
     action_dropout: float = 0.1  # P(a window's actions are all null): unconditional branch
     history_dropout: float = 0.1  # P(frames before a split go to level T-1 with null actions)
+    # P(frames before a split are nearly clean, levels -1..clean_history_level): next-frame
+    # prediction from a visible history, where actions matter (model.train.apply_clean_history)
+    clean_history: float = 0.0
+    clean_history_level: int = 15  # the default context-noise level of sampling
     log_every: int = 20  # steps between CSV rows / progress updates
     ckpt_every: int = 250  # steps between checkpoints (also one at the end)
     seed: int = 0
@@ -286,6 +290,8 @@ class TrainConfig:
         _in_range("cum_snr_decay", self.cum_snr_decay, 0.0, 1.0)
         _in_range("action_dropout", self.action_dropout, 0.0, 1.0)
         _in_range("history_dropout", self.history_dropout, 0.0, 1.0)
+        _in_range("clean_history", self.clean_history, 0.0, 1.0)
+        _in_range("clean_history_level", self.clean_history_level, -1, 1 << 20)
         _in_range("grad_clip", self.grad_clip, 0.0, 1e9)
 
 

@@ -623,6 +623,22 @@ def card_section(result: dict[str, Any]) -> str:
                   f"↔env-right {mm.get('model_left_vs_env_right', 0):.4f}; model-right↔env-"
                   f"right {mm.get('model_right_vs_env_right', 0):.4f}, ↔env-left "
                   f"{mm.get('model_right_vs_env_left', 0):.4f}."]  # fmt: skip
+    if "move_fidelity" in result:
+        mf = result["move_fidelity"]
+        lr = mf["left_vs_right_mse"]
+        parts += ["", f"Move fidelity (each move held 3 frames from {mf['contexts']} held-out "
+                  f"contexts): where the environment's world scrolls, the model's world "
+                  f"scrolls by the same whole tiles in {mf['same_tile_shift']}/"
+                  f"{mf['scrolling_cases']} cases ({mf['same_tile_shift_fraction']:.0%}; per "
+                  f"move {', '.join(f'{m} {v}' for m, v in mf['per_move'].items())}). "
+                  f"move_left vs move_right rollouts differ by MSE {lr['model']:.4f} "
+                  f"(the environment's: {lr['env']:.4f}, ratio {lr['ratio']:.2f})."]  # fmt: skip
+    if "persistence" in result:
+        pe = result["persistence"]
+        parts += ["", f"Persistence ({pe['rollouts']} rollouts of {pe['frames']} random moves): "
+                  f"the world area's spatial detail over the last {pe['last_frames']} frames is "
+                  f"{pe['ratio']:.0%} of the real frames' (pixel std {pe['model_detail']:.4f} "
+                  f"vs {pe['real_detail']:.4f})."]  # fmt: skip
     parts += ["", "![ground truth (upper) and rollout (lower) rows](eval_grid.png)"]
     return "\n".join(parts)
 
@@ -655,7 +671,8 @@ def evaluate_from_cli(args: argparse.Namespace) -> int:
     settings = EvalSettings(**{
         f: getattr(args, f) if getattr(args, f, None) is not None else getattr(defaults, f)
         for f in ("episodes", "context", "long_frames", "windows_per_episode",
-                  "fidelity_episodes", "fidelity_frames", "seed", "max_batch")
+                  "fidelity_episodes", "fidelity_frames", "persistence_contexts",
+                  "persistence_frames", "seed", "max_batch")
     }, videos=not getattr(args, "no_video", False))  # fmt: skip
     if not 1 <= settings.context <= bundle.config.network.max_frames - sampling.chunk_size:
         raise ValueError(f"context: {settings.context} frames; the model takes 1 to "
@@ -671,6 +688,13 @@ def evaluate_from_cli(args: argparse.Namespace) -> int:
     if "action_fidelity" in result:
         print(f"action fidelity: same action closer in "
               f"{result['action_fidelity']['same_action_closer']}")  # fmt: skip
+    if "move_fidelity" in result:
+        mf = result["move_fidelity"]
+        print(f"move fidelity: same tile shift in {mf['same_tile_shift']}/"
+              f"{mf['scrolling_cases']}, left-vs-right MSE ratio "
+              f"{mf['left_vs_right_mse']['ratio']:.2f}")  # fmt: skip
+    if "persistence" in result:
+        print(f"persistence: world detail {result['persistence']['ratio']:.0%} of real")
     if getattr(args, "update_card", False):
         update_card(path, result, args.out / "grid.png")
         print(f"model card updated: {path / 'README.md'}")

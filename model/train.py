@@ -79,6 +79,25 @@ def sample_levels(
     raise ValueError(f"objective: {objective!r} is not diffusion_forcing or teacher_forcing")
 
 
+def apply_clean_history(
+    levels: Tensor, probability: float, max_level: int, gen: torch.Generator
+) -> Tensor:
+    """With `probability` per window, the frames before a random split point get levels in
+    [-1, max_level] (clean up to the context-noise level): the case the sampler meets at
+    every chunk, next frames predicted from a visible history. Under uniform DF levels it
+    is rare (a noisy frame, level >= 500, right after a frame at level <= 100 is 4.4% of
+    frames), yet it is where the action decides the frame; mixing it in puts the training
+    signal where the actions matter."""
+    if probability <= 0:
+        return levels  # draws nothing: runs without it keep their random streams
+    B, A = levels.shape
+    chosen = torch.rand(B, generator=gen) < probability
+    split = torch.randint(1, max(A, 2), (B, 1), generator=gen)
+    low = torch.randint(-1, max_level + 1, (B, A), generator=gen)
+    history = (torch.arange(A)[None, :] < split) & chosen[:, None]  # (B, A)
+    return torch.where(history, low, levels)
+
+
 def apply_dropout(
     levels: Tensor,
     actions: Tensor,
@@ -145,6 +164,7 @@ def diffusion_loss(
     B, A = actions.shape
     T = ns.timesteps
     levels, mask = sample_levels(cfg.objective, B, A, T, gen)
+    levels = apply_clean_history(levels, cfg.clean_history, cfg.clean_history_level, gen)
     levels, actions_in, mask = apply_dropout(
         levels, actions.cpu(), mask, cfg, T, net.null_action, gen
     )
@@ -399,6 +419,8 @@ def train_from_cli(args: argparse.Namespace) -> int:
         train = replace(train, lr=args.lr)
     if getattr(args, "seed", None) is not None:
         train = replace(train, seed=args.seed)
+    if getattr(args, "clean_history", None) is not None:
+        train = replace(train, clean_history=args.clean_history)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.minutes is None and args.steps is None:

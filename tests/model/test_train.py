@@ -22,6 +22,7 @@ from model.rollout import RolloutEngine, RolloutRequest
 from model.train import (
     CHECKPOINT,
     Trainer,
+    apply_clean_history,
     apply_dropout,
     diffusion_loss,
     loss_weights,
@@ -126,6 +127,20 @@ def test_teacher_forcing_keeps_history_clean():
     x = ns.q_sample(x0, levels[:2], torch.randn_like(x0))
     hist = levels[:2] == -1
     assert torch.equal(x[hist], x0[hist]) and not torch.equal(x[~hist], x0[~hist])
+
+
+def test_clean_history_keeps_a_prefix_near_clean_and_the_rest_uniform():
+    gen = torch.Generator().manual_seed(0)
+    levels, _ = sample_levels("diffusion_forcing", 256, 8, 1000, gen)
+    assert apply_clean_history(levels, 0.0, 15, gen) is levels  # off: untouched, no draws
+    mixed = apply_clean_history(levels, 1.0, 15, gen)
+    changed = mixed != levels
+    for row, new, old in zip(changed, mixed, levels, strict=True):
+        split = int(torch.nonzero(new > 15)[0]) if (new > 15).any() else 8
+        assert split >= 1 and (new[:split] <= 15).all() and (new[:split] >= -1).all()
+        assert not row[split:].any() and torch.equal(new[split:], old[split:])
+    # the split is spread over the window: every frame but the last is sometimes history
+    assert ((mixed <= 15) & (levels > 15)).any(0)[:7].all()
 
 
 def test_dropout_replaces_actions_and_history():
