@@ -41,7 +41,7 @@ from torch import Tensor
 
 from model.bundle import Bundle, load_bundle, resolve_bundle
 from model.config import SamplingConfig
-from model.data.shards import NO_ACTION, Episode, load_episodes
+from model.data.shards import NO_ACTION, Episode, load_episodes, load_meta
 from model.request import sampling_from
 from model.rollout import RolloutEngine, RolloutRequest, RolloutState
 
@@ -300,7 +300,8 @@ def evaluate(
         result["stability"] = long_rollout(engine, bundle, episodes, sampling, st, out)
     if st.fidelity_episodes > 0 and bundle.config.data.env == "crafter":
         result["action_fidelity"] = action_fidelity(engine, bundle, episodes, sampling, st)
-        result["move_fidelity"] = move_fidelity(engine, bundle, episodes, sampling, st)
+        result["move_fidelity"] = move_fidelity(engine, bundle, episodes, sampling, st,
+                                                out / "moves.png")  # fmt: skip
     if st.persistence_frames > 0 and bundle.config.data.env == "crafter":
         result["persistence"] = persistence(engine, bundle, episodes, sampling, st)
     (out / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2) + "\n")
@@ -384,12 +385,13 @@ def _replay(seed: int, actions: np.ndarray, size: int, frame: np.ndarray) -> Any
 
 def move_fidelity(
     engine: RolloutEngine, bundle: Bundle, episodes: list[Episode], sampling: SamplingConfig,
-    st: EvalSettings,
+    st: EvalSettings, picture: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Hold each move for 3 frames from held-out contexts (DESIGN §7). A case counts where the
     environment's world scrolls; it passes when the model's world scrolls by the same whole
     tiles (best_tile_shift from the last context frame to the 3rd generated frame). Also the
-    mean MSE between the model's move_left and move_right rollouts against the env's."""
+    mean MSE between the model's move_left and move_right rollouts against the env's.
+    `picture`: the context where most moves scroll, env rows above model rows per move."""
     names = bundle.config.data.action_names
     size = bundle.config.network.resolution
     windows = pick_windows(episodes[: st.episodes], st.windows_per_episode, st.context, 3,
@@ -411,11 +413,15 @@ def move_fidelity(
                          for m in MOVE_OFFSETS]  # fmt: skip
     preds = [to_unit(p) for p in run_batch(engine, requests, st.max_batch, "move fidelity")]
     scrolled = same = 0
+    most_scrolls, shown = -1, None
     left_right: dict[str, list[float]] = {"model": [], "env": []}
     per_move = {m: [0, 0] for m in MOVE_OFFSETS}  # passed, scrolled
     for i, (w, env_frames) in enumerate(cases):
         last = uint8_to_unit(w.episode.frames[w.first_generated - 1][None])[0]
         model = dict(zip(MOVE_OFFSETS, preds[4 * i : 4 * i + 4], strict=True))
+        scrolls = sum(best_tile_shift(last, env_frames[m][2]) != (0, 0) for m in MOVE_OFFSETS)
+        if scrolls > most_scrolls:
+            most_scrolls, shown = scrolls, (last, env_frames, model)
         for move in MOVE_OFFSETS:
             env_shift = best_tile_shift(last, env_frames[move][2])
             if env_shift == (0, 0):
@@ -429,6 +435,8 @@ def move_fidelity(
                                                        model["move_right"]).mean()))
         left_right["env"].append(float(mse_per_frame(env_frames["move_left"],
                                                      env_frames["move_right"]).mean()))
+    if picture is not None and shown is not None:
+        write_moves_grid(picture, *shown)
     model_lr, env_lr = float(np.mean(left_right["model"])), float(np.mean(left_right["env"]))
     return {
         "contexts": len(cases),
@@ -546,6 +554,21 @@ def write_grid(path: Path, truth: Tensor, pred: Tensor, last_ctx: Tensor, scale:
     img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(path)
 
 
+def write_moves_grid(
+    path: Path, last: Tensor, env: dict[str, Tensor], model: dict[str, Tensor], scale: int = 3
+) -> None:
+    """Per move: the environment's row above the model's, each the last context frame and
+    then the frames of the held move."""
+    rows = []
+    for move in env:
+        for seq in (env[move], model[move]):
+            frames = [last] + list(seq)
+            rows.append(np.concatenate([_pad(to_uint8(f)) for f in frames], axis=1))
+        rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
+    img = Image.fromarray(np.concatenate(rows[:-1], axis=0))
+    img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(path)
+
+
 def _pad(frame: np.ndarray, width: int = 1) -> np.ndarray:
     return np.pad(frame, ((width, width), (width, width), (0, 0)), constant_values=255)
 
@@ -632,7 +655,9 @@ def card_section(result: dict[str, Any]) -> str:
                   f"{mf['scrolling_cases']} cases ({mf['same_tile_shift_fraction']:.0%}; per "
                   f"move {', '.join(f'{m} {v}' for m, v in mf['per_move'].items())}). "
                   f"move_left vs move_right rollouts differ by MSE {lr['model']:.4f} "
-                  f"(the environment's: {lr['env']:.4f}, ratio {lr['ratio']:.2f})."]  # fmt: skip
+                  f"(the environment's: {lr['env']:.4f}, ratio {lr['ratio']:.2f}).", "",
+                  "![each move held from one context: environment (upper) and model (lower) "
+                  "rows for left, right, up, down](eval_moves.png)"]  # fmt: skip
     if "persistence" in result:
         pe = result["persistence"]
         parts += ["", f"Persistence ({pe['rollouts']} rollouts of {pe['frames']} random moves): "
@@ -655,6 +680,9 @@ def update_card(bundle_dir: Path, result: dict[str, Any], grid: Path) -> None:
         card += f"\n## Evaluation\n\n{block}\n"
     card_path.write_text(card)
     shutil.copyfile(grid, bundle_dir / "eval_grid.png")
+    moves = grid.with_name("moves.png")
+    if moves.is_file():
+        shutil.copyfile(moves, bundle_dir / "eval_moves.png")
     (bundle_dir / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2) + "\n")
 
 
@@ -677,6 +705,11 @@ def evaluate_from_cli(args: argparse.Namespace) -> int:
     if not 1 <= settings.context <= bundle.config.network.max_frames - sampling.chunk_size:
         raise ValueError(f"context: {settings.context} frames; the model takes 1 to "
                          f"{bundle.config.network.max_frames - sampling.chunk_size}")  # fmt: skip
+    size = load_meta(args.data).get("resolution", [None])[0]
+    if size != bundle.config.network.resolution:
+        raise ValueError(f"data: {args.data} holds {size}-px frames, the model takes "
+                         f"{bundle.config.network.resolution}; make held-out data with "
+                         f"`dfserve dataset crafter --size {bundle.config.network.resolution}`")
     torch.set_grad_enabled(False)
     result = evaluate(bundle, load_episodes(args.data), args.out, sampling, settings,
                       args.device)  # fmt: skip

@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--seed-start", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--size", type=int, default=72,
+                   help="render size in pixels; crafter tiles are size // 9 px (72: 8-px tiles)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_dataset)
 
@@ -153,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="stop after this wall-clock budget")
     p.add_argument("--steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--clean-history", type=float,
+                   help="P(a window's history is nearly clean) (default: the preset's)")
+    p.add_argument("--init", type=Path,
+                   help="warm start from this bundle's weights (same architecture)")
     p.add_argument("--device")
     p.add_argument("--run-dir", type=Path, help="checkpoints and logs (default: OUT.run)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
@@ -181,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rollout windows per held-out episode (default 2)")
     p.add_argument("--fidelity-episodes", type=int, help="action-fidelity episodes (default 4)")
     p.add_argument("--fidelity-frames", type=int, help="frames per action branch (default 8)")
+    p.add_argument("--persistence-contexts", type=int,
+                   help="random-move rollouts for the persistence measure (default 8)")
+    p.add_argument("--persistence-frames", type=int, help="their length (default 240; 0 = off)")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-batch", type=int, help="rollouts per forward pass (default 32)")
     p.add_argument("--no-video", action="store_true", help="skip the MP4s")
@@ -276,7 +285,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_dataset(args: argparse.Namespace) -> int:
     from model.data.crafter import generate_dataset
 
-    out = generate_dataset(args.out, args.episodes, args.steps, args.seed_start, args.workers)
+    out = generate_dataset(args.out, args.episodes, args.steps, args.seed_start, args.workers,
+                           size=args.size)
     print(f"dataset written to {out}")
     return 0
 

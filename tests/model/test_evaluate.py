@@ -148,6 +148,7 @@ def test_evaluate_end_to_end_on_real_crafter(crafter_episodes, tmp_path):
     assert moves["contexts"] == 2 and moves["left_vs_right_mse"]["env"] > 0
     assert 0 < moves["scrolling_cases"] <= 8  # 2 contexts x 4 moves, blocked ones don't count
     assert 0 <= moves["same_tile_shift"] <= moves["scrolling_cases"]
+    assert Image.open(out / "moves.png").size[1] > 4 * 2 * 72  # 4 moves x (env + model)
     persist = doc["persistence"]
     assert persist["rollouts"] == 2 and persist["last_frames"] == 10
     assert 0 < persist["real_detail"] and 0 <= persist["ratio"]
