@@ -126,7 +126,11 @@ class RolloutEngine:
         self.dtype = torch.float64 if self.net_dtype == torch.float64 else torch.float32
         self.schedule = bundle.schedule
         self.cfg = bundle.config
-        self.use_cache = use_cache
+        # A network whose frames see only earlier frames (the DiT) can cache keys/values and
+        # run only the frames that matter; one that is not causal in time (the research code's
+        # U-Net: GroupNorm spans the window) recomputes the whole window at every row.
+        self.causal: bool = getattr(self.net, "causal", True)
+        self.use_cache = use_cache and self.causal
         self.window = self.cfg.network.max_frames
 
     # --- public API ------------------------------------------------------------------------
@@ -244,8 +248,8 @@ class RolloutEngine:
             st.inputs.extend(t for t in st.chunk_inputs if t is not None)
             st.clean.extend(t for t in st.chunk_clean if t is not None)
         st.chunk_start = st.finished
-        self._forget_old_frames(st)
         h = min(s.chunk_size, st.total_frames - st.chunk_start)
+        self._forget_old_frames(st, h)
         net = self.cfg.network
         st.chunk_x = draw_noise(
             torch.Size((h, net.channels, net.resolution, net.resolution)),
@@ -261,17 +265,25 @@ class RolloutEngine:
         if st.cache is not None and st.cache.start != self._history_start(st):
             st.cache.reset(self._history_start(st))  # the window slid: rebuild from its start
 
-    def _forget_old_frames(self, st: RolloutState) -> None:
+    def _forget_old_frames(self, st: RolloutState, h: int) -> None:
         """Keep memory flat on 1,000-frame rollouts and endless sessions: frames before the
         history window that were already handed out are never read again."""
-        keep_from = min(self._history_start(st), st.n_context + st.emitted)
+        keep_from = min(self._history_start(st, h), st.n_context + st.emitted)
         drop = keep_from - st.dropped
         if drop > 0:
             del st.inputs[:drop], st.clean[:drop]
             st.dropped += drop
 
-    def _history_start(self, st: RolloutState) -> int:
-        return max(0, st.chunk_start - (self.window - st.request.sampling.chunk_size))
+    def _history_start(self, st: RolloutState, h: int | None = None) -> int:
+        """First frame of the window of the current chunk (h frames, known once it started)."""
+        if self.causal:
+            return max(0, st.chunk_start - (self.window - st.request.sampling.chunk_size))
+        # the research code's loop (df_base.validation_step): start_frame = max(0, curr_frame +
+        # horizon - n_tokens), so a shorter last chunk sees more history
+        if h is None:
+            assert st.chunk_x is not None
+            h = len(st.chunk_x)
+        return max(0, st.chunk_start + h - self.window)
 
     def _row_levels(self, st: RolloutState) -> tuple[Tensor, Tensor]:
         assert st.matrix is not None
@@ -285,6 +297,8 @@ class RolloutEngine:
         from_levels, to_levels = self._row_levels(st)
         moving = (from_levels != to_levels).nonzero().flatten()
         last = st.chunk_start + int(moving.max()) if len(moving) else st.chunk_start
+        if not self.causal:  # later frames (still pure noise) change the earlier ones' output
+            last = st.chunk_start + len(st.chunk_x) - 1
         first = st.cache.end if st.cache is not None else self._history_start(st)
         ctx_level = st.request.sampling.context_noise
         xs, levels = [], []
@@ -357,9 +371,13 @@ class RolloutEngine:
         return out
 
     def _context_input(self, frame: Tensor, s: SamplingConfig, gen: torch.Generator) -> Tensor:
-        """What the network sees for a finished frame: relabelled, or noised once (DF)."""
+        """What the network sees for a finished frame: relabelled, scaled (DF v1.5's
+        stabilization: sqrt(alpha_bar) x, no noise) or noised once (DF)."""
         if s.context_noise_mode == "relabel" or s.context_noise < 0:
             return frame
+        if s.context_noise_mode == "scaled":
+            level = torch.tensor([s.context_noise], device=frame.device)
+            return self.schedule.q_sample(frame[None], level, torch.zeros_like(frame[None]))[0]
         noise = draw_noise(frame.shape, gen, self.cfg.diffusion.clip_noise, frame)
         level = torch.tensor([s.context_noise], device=frame.device)
         return self.schedule.q_sample(frame[None], level, noise[None])[0]
@@ -370,7 +388,7 @@ class RolloutEngine:
         """Group rollouts by forward size (padding a 1-frame row to a 15-frame rebuild would
         waste the batch) and run one forward per group. Returns x0 per spec id."""
         x0s: dict[int, Tensor] = {}
-        for group in _size_groups(specs):
+        for group in _size_groups(specs, exact=not self.causal):
             x0s.update(self._forward_group(group))
         return x0s
 
@@ -490,10 +508,16 @@ class RolloutEngine:
         return sp
 
 
-def _size_groups(specs: list[_Forward]) -> list[list[_Forward]]:
-    """Split into at most two groups: short row forwards and long (window rebuild) ones."""
+def _size_groups(specs: list[_Forward], exact: bool = False) -> list[list[_Forward]]:
+    """Split into at most two groups: short row forwards and long (window rebuild) ones.
+
+    exact: one group per length, never padding (padded frames would enter a non-causal
+    network's statistics)."""
     if not specs:
         return []
+    if exact:
+        lengths = sorted({len(sp.x) for sp in specs})
+        return [[sp for sp in specs if len(sp.x) == n] for n in lengths]
     threshold = 2 * max(1, min(len(sp.x) for sp in specs))
     short = [sp for sp in specs if len(sp.x) <= threshold]
     long = [sp for sp in specs if len(sp.x) > threshold]

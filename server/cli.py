@@ -206,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     _dtype_flag(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("import", help="turn a research checkpoint into a bundle")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    k = kinds.add_parser("diffusion-forcing",
+                         help="a DF v1.5 (buoyancy99/diffusion-forcing) Unet3D checkpoint")
+    k.add_argument("checkpoint", type=Path, help="the Lightning .ckpt (read weights-only)")
+    k.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    k.add_argument("--config", default="dmlab",
+                   help="dmlab, minecraft, or the run's Hydra config.yaml (default dmlab)")
+    k.add_argument("--name", help="bundle id (default: the --out folder's name)")
+    k.set_defaults(func=cmd_import)
     return parser
 
 
@@ -307,6 +318,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from server.bench import run_bench
 
     return run_bench(args)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from model.importers.diffusion_forcing import import_checkpoint
+
+    out = import_checkpoint(args.checkpoint, args.out, args.config, args.name)
+    print(f"wrote {out} (serve it: dfserve serve --model {out})")
+    return 0
 
 
 if __name__ == "__main__":

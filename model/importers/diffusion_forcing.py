@@ -74,10 +74,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        why = str(e).splitlines()[0] if str(e) else "it unpickles Python objects"
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found is None:  # not a pickle at all, or a corrupt one
+            raise ValueError(f"checkpoint: {path} is not a readable torch checkpoint") from e
         raise ValueError(
-            f"checkpoint: {path} is refused: it holds pickled Python objects, not only "
-            f"tensors, and only weights are read (torch.load weights_only=True): {why}"
+            f"checkpoint: {path} is refused: it holds pickled Python objects ({found[1]}), "
+            "not only tensors, and only weights are read (torch.load weights_only=True); "
+            "re-save its state_dict with tensors only"
         ) from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise ValueError(f"checkpoint: {path} is not a readable torch checkpoint: {e}") from e
