@@ -50,6 +50,12 @@ class NetworkConfig:
     # instead of a permutation of every token that attention must learn. Meant for
     # tile-aligned patches (Crafter at 72 px: one patch = one tile = one step).
     copy_shifts: bool = False
+    # With copy_shifts: a learned bias per action on the copy choice, added at every pixel of
+    # the action's frame. The action then picks the shift in one linear step (move_left ->
+    # the copy moved right), learnt from every pixel of every moving frame, while the
+    # network's own logits handle what the action alone cannot know (a blocked step, tiles
+    # entering at the edge, the player's sprite).
+    copy_action_prior: bool = False
 
     @property
     def tokens_per_frame(self) -> int:
@@ -207,7 +213,8 @@ _CRAFTER_DATA = DataConfig(env="crafter", fps=10, n_frames=16, action_names=CRAF
 _CRAFTER_CPU = BundleConfig(
     name="crafter-cpu",
     network=NetworkConfig(resolution=72, width=128, depth=4, heads=4, max_frames=8,
-                          frame_skip=True, copy_gate=True, copy_shifts=True),
+                          frame_skip=True, copy_gate=True, copy_shifts=True,
+                          copy_action_prior=True),
     diffusion=DiffusionConfig(objective="x0"),
     data=dataclasses.replace(_CRAFTER_DATA, n_frames=8),
     sampling=SamplingConfig(steps=2, chunk_size=4),
@@ -218,7 +225,7 @@ PRESETS: dict[str, BundleConfig] = {
         name="tiny",
         network=NetworkConfig(
             resolution=16, patch_size=4, width=32, depth=2, heads=2, n_actions=4, max_frames=8,
-            frame_skip=True, copy_gate=True, copy_shifts=True,
+            frame_skip=True, copy_gate=True, copy_shifts=True, copy_action_prior=True,
         ),
         data=DataConfig(env="synthetic", fps=8, n_frames=8, context_length=2,
                         action_names=("noop", "left", "right", "up")),
@@ -237,7 +244,12 @@ PRESETS: dict[str, BundleConfig] = {
     # shifted copies (the plain copy gate), and at 64 px where 7-px tiles straddle patches.
     "crafter-cpu-no-shifts": dataclasses.replace(
         _CRAFTER_CPU, name="crafter-cpu-no-shifts",
-        network=dataclasses.replace(_CRAFTER_CPU.network, copy_shifts=False),
+        network=dataclasses.replace(_CRAFTER_CPU.network, copy_shifts=False,
+                                    copy_action_prior=False),
+    ),
+    "crafter-cpu-no-prior": dataclasses.replace(
+        _CRAFTER_CPU, name="crafter-cpu-no-prior",
+        network=dataclasses.replace(_CRAFTER_CPU.network, copy_action_prior=False),
     ),
     "crafter-cpu-64px": dataclasses.replace(
         _CRAFTER_CPU, name="crafter-cpu-64px",
@@ -295,7 +307,8 @@ class TrainConfig:
         _in_range("grad_clip", self.grad_clip, 0.0, 1e9)
 
 
-_CRAFTER_CPU_TRAIN = TrainConfig(batch_size=8, lr=2e-3, warmup_steps=100, ema_decay=0.995)
+_CRAFTER_CPU_TRAIN = TrainConfig(batch_size=8, lr=2e-3, warmup_steps=100, ema_decay=0.995,
+                                 clean_history=0.5)
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(batch_size=4, lr=3e-3, warmup_steps=2, ema_decay=0.9, log_every=1,
@@ -303,6 +316,7 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "crafter-cpu": _CRAFTER_CPU_TRAIN,
     # the ablations train exactly like the preset they ablate
     "crafter-cpu-no-shifts": _CRAFTER_CPU_TRAIN,
+    "crafter-cpu-no-prior": _CRAFTER_CPU_TRAIN,
     "crafter-cpu-64px": _CRAFTER_CPU_TRAIN,
     "crafter-gpu": TrainConfig(batch_size=64, lr=3e-4, warmup_steps=2000, ema_decay=0.9999,
                                ckpt_every=2000, log_every=50),  # fmt: skip

@@ -166,6 +166,12 @@ class CausalVideoDiT(nn.Module):
             raise ValueError("network: copy_gate needs frame_skip (it gates the previous frame)")
         if cfg.copy_shifts and not cfg.copy_gate:
             raise ValueError("network: copy_shifts needs copy_gate")
+        if cfg.copy_action_prior and not cfg.copy_shifts:
+            raise ValueError("network: copy_action_prior needs copy_shifts")
+        self.copy_prior = None
+        if cfg.copy_action_prior:  # zero: no preference until the data shows one
+            self.copy_prior = nn.Embedding(cfg.n_actions + 1, len(COPY_SHIFTS) + 1)
+            nn.init.zeros_(self.copy_prior.weight)
         # one gate logit per pixel, or per pixel one logit per shifted copy plus "none"
         gate = P * P * self.copy_choices if cfg.copy_gate else 0
         self.final = nn.Linear(D, P * P * C + gate)
@@ -239,13 +245,14 @@ class CausalVideoDiT(nn.Module):
         shift, scale = self.final_ada(cond)[:, :, None, :].chunk(2, dim=-1)
         out = self.final(modulate(self.final_norm(h), shift, scale))  # (B, A, N, P*P*C[+P*P])
         if previous is not None and self.cfg.copy_gate:
-            return self.gated_copy(out, previous), new_keys, new_values
+            return self.gated_copy(out, previous, actions), new_keys, new_values
         return self.unpatchify(out), new_keys, new_values
 
-    def gated_copy(self, out: Tensor, previous: Tensor) -> Tensor:
+    def gated_copy(self, out: Tensor, previous: Tensor, actions: Tensor) -> Tensor:
         """residual + sigmoid(gate) * previous, per pixel (the gate is shared by channels);
         with copy_shifts, residual + sum_k softmax(gates)_k * shift_k(previous), where the
-        softmax also has a "none" choice so a pixel can take the residual alone."""
+        softmax also has a "none" choice so a pixel can take the residual alone, and with
+        copy_action_prior each frame's action adds its learned bias to every pixel's gates."""
         P, C = self.cfg.patch_size, self.cfg.channels
         K = self.copy_choices
         residual, gate_logits = out.split([P * P * C, P * P * K], dim=-1)
@@ -256,6 +263,8 @@ class CausalVideoDiT(nn.Module):
         residual = self.unpatchify(residual)
         if not self.cfg.copy_shifts:
             return residual + torch.sigmoid(gates[:, 0]) * previous
+        if self.copy_prior is not None:
+            gates = gates + self.copy_prior(actions).permute(0, 2, 1)[..., None, None, None]
         weights = torch.softmax(gates, dim=1)  # (B, K, A, C, R, R); the last choice is "none"
         for k, (dy, dx) in enumerate(COPY_SHIFTS):
             residual = residual + weights[:, k] * shift_frames(previous, dy * P, dx * P)

@@ -93,3 +93,24 @@ def test_copy_shifts_choose_a_shifted_previous_frame(tiny_bundle):
             out, _, _ = net(x, levels, actions, positions)
         expected = shift_frames(x[:, :2], dy * P, dx * P)  # frame t copies frame t-1's input
         torch.testing.assert_close(out[:, 1:], expected, atol=1e-5, rtol=0)
+
+
+def test_copy_action_prior_picks_the_shift_per_action(tiny_bundle):
+    """copy_action_prior: with the network's own gate logits at zero, a frame's action alone
+    chooses which shifted copy it gets (here action 1 -> moved right, 2 -> moved left)."""
+    import copy
+
+    from model.network import COPY_SHIFTS, shift_frames
+
+    net = copy.deepcopy(tiny_bundle.network)
+    P = net.cfg.patch_size
+    x, levels, _, positions = inputs(net, frames=3, batch=1)
+    with torch.no_grad():
+        net.final.weight.zero_()
+        net.final.bias.zero_()
+        net.copy_prior.weight.zero_()
+        net.copy_prior.weight[1, COPY_SHIFTS.index((0, 1))] = 50.0
+        net.copy_prior.weight[2, COPY_SHIFTS.index((0, -1))] = 50.0
+        out, _, _ = net(x, levels, torch.tensor([[0, 1, 2]]), positions)
+    torch.testing.assert_close(out[:, 1], shift_frames(x[:, 0], 0, P), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:, 2], shift_frames(x[:, 1], 0, -P), atol=1e-5, rtol=0)
