@@ -577,7 +577,8 @@ def test_list_rollouts_newest_first_in_pages(api: Service) -> None:
     # A job that expired leaves the list (and the index) instead of breaking the page.
     api.store.client().delete(api.queue.keys.job(ids[4]))
     assert [j["id"] for j in api.client.get("/v1/rollouts").json()["rollouts"]] == ids[3::-1]
-    for query, name in (("limit=0", "limit"), ("limit=101", "limit"), ("cursor=abc", "cursor")):
+    for query, name in (("limit=0", "limit"), ("limit=101", "limit"), ("cursor=abc", "cursor"),
+                        ("cursor=%C2%B2", "cursor")):  # a superscript 2: a digit, not ASCII
         r = api.client.get(f"/v1/rollouts?{query}")
         assert r.status_code == 422 and r.json()["detail"]["field"] == name, r.text
 
