@@ -22,6 +22,7 @@ Writes metrics.json, grid.png (ground truth row above rollout row per window) an
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -383,6 +384,13 @@ def _replay(seed: int, actions: np.ndarray, size: int, frame: np.ndarray) -> Any
     return env if np.array_equal(obs, frame) else None
 
 
+def _branch(env: Any, action: int, n: int) -> list[np.ndarray]:
+    """n frames of `action` held from a copy of env (a replay costs seconds, a copy ms; a
+    deep copy steps exactly as the original would)."""
+    branch = copy.deepcopy(env)
+    return [branch.step(action)[0] for _ in range(n)]
+
+
 def move_fidelity(
     engine: RolloutEngine, bundle: Bundle, episodes: list[Episode], sampling: SamplingConfig,
     st: EvalSettings, picture: Path | None = None,
@@ -399,18 +407,15 @@ def move_fidelity(
     cases, requests = [], []
     for w in windows:
         k, ep = w.first_generated, w.episode
-        env_frames = {}
-        for move in MOVE_OFFSETS:
-            env = _replay(ep.seed, ep.actions[1:k], size, ep.frames[k - 1])
-            if env is None:
-                log.warning("episode %d does not replay exactly; skipped", ep.seed)
-                break
-            env_frames[move] = uint8_to_unit(
-                np.stack([env.step(names.index(move))[0] for _ in range(3)]))
-        else:
-            cases.append((w, env_frames))
-            requests += [window_request(bundle, w, sampling, st.seed, (names.index(m),) * 3)
-                         for m in MOVE_OFFSETS]  # fmt: skip
+        env = _replay(ep.seed, ep.actions[1:k], size, ep.frames[k - 1])
+        if env is None:
+            log.warning("episode %d does not replay exactly; skipped", ep.seed)
+            continue
+        env_frames = {move: uint8_to_unit(np.stack(_branch(env, names.index(move), 3)))
+                      for move in MOVE_OFFSETS}  # fmt: skip
+        cases.append((w, env_frames))
+        requests += [window_request(bundle, w, sampling, st.seed, (names.index(m),) * 3)
+                     for m in MOVE_OFFSETS]  # fmt: skip
     preds = [to_unit(p) for p in run_batch(engine, requests, st.max_batch, "move fidelity")]
     scrolled = same = 0
     most_scrolls, shown = -1, None
@@ -497,20 +502,18 @@ def action_fidelity(
         window = Window(ep, min(20, len(ep) // 4), st.context, n)
         if len(ep) <= window.first_generated:
             continue
-        env_frames = {}
-        for name, action in moves.items():  # replay the episode, then branch
-            k = window.first_generated
-            env = _replay(ep.seed, ep.actions[1:k], bundle.config.network.resolution,
-                          ep.frames[k - 1])  # fmt: skip
-            if env is None:
-                log.warning("episode %d does not replay exactly; skipped", ep.seed)
-                break
-            env_frames[name] = uint8_to_unit(np.stack([env.step(action)[0] for _ in range(n)]))
-        else:
-            cases.append((ep, env_frames))
-            for name in moves:
-                requests.append(window_request(bundle, window, sampling, st.seed,
-                                               (moves[name],) * n))  # fmt: skip
+        k = window.first_generated  # replay the episode, then branch
+        env = _replay(ep.seed, ep.actions[1:k], bundle.config.network.resolution,
+                      ep.frames[k - 1])  # fmt: skip
+        if env is None:
+            log.warning("episode %d does not replay exactly; skipped", ep.seed)
+            continue
+        env_frames = {name: uint8_to_unit(np.stack(_branch(env, action, n)))
+                      for name, action in moves.items()}  # fmt: skip
+        cases.append((ep, env_frames))
+        for name in moves:
+            requests.append(window_request(bundle, window, sampling, st.seed,
+                                           (moves[name],) * n))  # fmt: skip
     preds = [to_unit(p) for p in run_batch(engine, requests, st.max_batch, "action fidelity")]
     per_episode, correct, informative = [], 0, 0
     for i, (ep, env_frames) in enumerate(cases):
