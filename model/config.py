@@ -47,7 +47,8 @@ class NetworkConfig:
     # right, and let a per-pixel softmax choose among the five copies (or none), as CDNA
     # (Finn et al. 2016) advects the previous frame. A scrolling camera (a player step in a
     # top-down world) is then one choice per pixel, conditioned on the action through adaLN,
-    # instead of a permutation of every token that attention must learn. Meant for
+    # instead of a permutation of every token that attention must learn. The shifted copies
+    # are also stacked into each token's input (its neighbours' previous content). Meant for
     # tile-aligned patches (Crafter at 72 px: one patch = one tile = one step).
     copy_shifts: bool = False
     # With copy_shifts: a learned bias per action on the copy choice, added at every pixel of

@@ -153,7 +153,11 @@ class CausalVideoDiT(nn.Module):
         self.cfg = cfg
         self.timesteps = timesteps
         D, P, C = cfg.width, cfg.patch_size, cfg.channels
-        stacked = 2 if cfg.frame_skip else 1  # the frame, and the previous frame's input
+        # the frame, the previous frame's input, and with copy_shifts its shifted copies too:
+        # a token then sees its neighbours' previous content, so whether (and which way) the
+        # world moved is a local comparison, and the centre token (the player) can tell a
+        # step from a blocked one without first attending to the tile in front of it
+        stacked = 1 + (len(COPY_SHIFTS) if cfg.copy_shifts else 1) if cfg.frame_skip else 1
         self.patch_embed = nn.Linear(stacked * P * P * C, D)
         self.spatial_pos = nn.Parameter(torch.randn(cfg.tokens_per_frame, D) * 0.02)
         self.level_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
@@ -227,7 +231,10 @@ class CausalVideoDiT(nn.Module):
         if self.cfg.frame_skip:
             first = torch.zeros_like(x[:, 0]) if before is None else before
             previous = torch.cat([first[:, None], x[:, :-1]], dim=1)  # (B, A, C, R, R)
-            patches = torch.cat([patches, self.patchify(previous)], dim=-1)
+            offsets = COPY_SHIFTS if self.cfg.copy_shifts else ((0, 0),)
+            P = self.cfg.patch_size
+            patches = torch.cat([patches] + [self.patchify(shift_frames(previous, dy * P, dx * P))
+                                             for dy, dx in offsets], dim=-1)  # fmt: skip
         h = self.patch_embed(patches) + self.spatial_pos  # (B, A, N, D)
         embedding = level_embedding(levels, self.cfg.width, self.timesteps).to(h.dtype)
         cond = self.level_mlp(embedding)
