@@ -46,7 +46,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
 from model.bundle import build_network, save_bundle, save_example
-from model.config import BundleConfig, TrainConfig, preset, train_preset
+from model.config import BundleConfig, NetworkConfig, TrainConfig, preset, train_preset
 from model.data.shards import NO_ACTION, Episode, load_episodes, load_meta, random_windows
 from model.diffusion import NoiseSchedule
 from model.hardware import hardware
@@ -583,6 +583,17 @@ def write_examples(out: Path, config: BundleConfig, episodes: list[Episode], n: 
 
 # --- the model card -------------------------------------------------------------------------
 
+
+def _copy_description(n: NetworkConfig) -> str:
+    if n.copy_shifts:
+        prior = ", plus a learned bias per action on that choice" if n.copy_action_prior else ""
+        return ("a residual plus, per pixel, a softmax choice among the previous frame and "
+                f"its copies moved one {n.patch_size}-px patch each way (CDNA-style){prior}; "
+                "the shifted copies are also stacked into each token's input")
+    if n.copy_gate:
+        return "a residual plus a per-pixel gated copy of the previous frame"
+    return "the frame in the objective's parameterisation"
+
 EVAL_START, EVAL_END = "<!-- eval:start -->", "<!-- eval:end -->"
 
 
@@ -604,6 +615,7 @@ A {summary["objective"].replace("_", "-")} video world model of
 - Causal video DiT: width {n.width}, depth {n.depth}, {n.heads} heads, patch {n.patch_size}
   ({n.tokens_per_frame} tokens per frame), window {n.max_frames} frames,
   {summary["parameters"] / 1e6:.2f} M parameters, fp32 EMA weights.
+- Output: {_copy_description(n)}.
 - Diffusion: T = {d.timesteps}, {d.beta_schedule} betas, {d.objective}-prediction.
 - Default sampling: {s.schedule} schedule, {s.sampler}, {s.steps} steps, chunk {s.chunk_size},
   context noise {s.context_noise} ({s.context_noise_mode}), {config.data.context_length}
@@ -623,7 +635,9 @@ A {summary["objective"].replace("_", "-")} video world model of
 
 - Objective: {summary["objective"]}; fused min-SNR-γ weighting (γ = {t["min_snr_gamma"]},
   history decay {t["cum_snr_decay"]}),
-  action dropout {t["action_dropout"]}, history dropout {t["history_dropout"]}.
+  action dropout {t["action_dropout"]}, history dropout {t["history_dropout"]}, clean
+  history {t.get("clean_history", 0.0)} (windows whose prefix sits at levels -1 to
+  {t.get("clean_history_level", 15)}).
 - AdamW lr {t["lr"]} (warmup {t["warmup_steps"]} steps, cosine to
   {t["min_lr_ratio"]}× when the step budget is set), weight decay {t["weight_decay"]},
   grad clip {t["grad_clip"]}, EMA {t["ema_decay"]}, batch {t["batch_size"]} windows.
