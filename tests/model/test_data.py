@@ -34,6 +34,7 @@ from model.data.shards import (
 )
 
 EPISODES, STEPS, SEED_START = 2, 30, 7
+R = gen.RESOLUTION  # 72: Crafter's 9 tiles of 8 px
 SHARD_KEYS = ("frames", "actions", "episode_starts", "episode_lengths", "episode_seeds",
               "episode_died")
 
@@ -114,7 +115,7 @@ def test_generation_is_deterministic_and_worker_independent(
 def test_shard_layout_and_meta(dataset: Path) -> None:
     meta = json.loads((dataset / "meta.json").read_text())
     assert meta["env"] == "crafter" and meta["env_version"] == "1.8.3"
-    assert meta["resolution"] == [64, 64] and meta["action_names"] == list(CRAFTER_ACTIONS)
+    assert meta["resolution"] == [R, R] and meta["action_names"] == list(CRAFTER_ACTIONS)
     assert meta["steps"] == STEPS and meta["episodes"] == EPISODES
     assert (meta["seed_start"], meta["seed_end"]) == (SEED_START, SEED_START + EPISODES)
     assert meta["policy"]["name"] == "random_runs"
@@ -122,7 +123,7 @@ def test_shard_layout_and_meta(dataset: Path) -> None:
     assert meta["frames"] == sum(len(s["frames"]) for s in shards)
     for k, s in enumerate(shards):
         n = len(s["frames"])
-        assert s["frames"].dtype == np.uint8 and s["frames"].shape == (n, 64, 64, 3)
+        assert s["frames"].dtype == np.uint8 and s["frames"].shape == (n, R, R, 3)
         assert s["actions"].dtype == np.int16 and s["actions"].shape == (n,)
         assert s["episode_seeds"].tolist() == [SEED_START + k]
         assert s["episode_starts"].tolist() == [0] and s["episode_lengths"].tolist() == [n]
@@ -145,7 +146,7 @@ def test_round_trip(dataset: Path) -> None:
     shards = _shards(dataset)
     assert [e.seed for e in episodes] == [SEED_START, SEED_START + 1]
     for ep, s in zip(episodes, shards, strict=True):
-        assert ep.frames.dtype == np.uint8 and ep.frames.shape == (len(ep), 64, 64, 3)
+        assert ep.frames.dtype == np.uint8 and ep.frames.shape == (len(ep), R, R, 3)
         assert ep.actions.dtype == np.int64 and ep.actions.shape == (len(ep),)
         assert np.array_equal(ep.frames, s["frames"])
         assert np.array_equal(ep.actions, s["actions"])
@@ -172,11 +173,11 @@ def test_write_shard_round_trip_several_episodes(tmp_path: Path) -> None:
 
 
 def test_actions_align_with_frames_by_replay(dataset: Path) -> None:
-    """Replaying actions[1..] in a fresh crafter Env(size=64, seed) renders exactly frames[1..]."""
+    """Replaying actions[1..] in a fresh crafter Env(size, seed) renders exactly frames[1..]."""
     moved = 0
     for ep in load_episodes(dataset):
         env = gen.make_env(ep.seed)
-        assert isinstance(env, crafter.Env) and tuple(env._size) == (64, 64)
+        assert isinstance(env, crafter.Env) and tuple(env._size) == (R, R)
         assert np.array_equal(env.reset(), ep.frames[0])
         pos = None
         for i in range(1, len(ep)):
@@ -219,15 +220,15 @@ class _DyingEnv:
         self.t = 0
 
     def reset(self) -> np.ndarray:
-        return np.zeros((64, 64, 3), np.uint8)
+        return np.zeros((R, R, 3), np.uint8)
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, dict]:
         self.t += 1
-        return np.full((64, 64, 3), self.t, np.uint8), 0.0, self.t == 5, {}
+        return np.full((R, R, 3), self.t, np.uint8), 0.0, self.t == 5, {}
 
 
 def test_death_ends_the_episode_early(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(gen, "make_env", lambda seed: _DyingEnv())
+    monkeypatch.setattr(gen, "make_env", lambda seed, size: _DyingEnv())
     ep = run_episode(3, steps=20)
     assert len(ep) == 6 and ep.died
     assert ep.frames[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
@@ -324,3 +325,16 @@ def test_random_windows() -> None:
     assert np.array_equal(frames, again)
     _, nulls = random_windows(eps, 4, 400, np.random.default_rng(0), null_action=17)
     assert np.array_equal(nulls, np.where(actions == -1, 17, actions))
+
+
+def test_size_sets_the_render_resolution(tmp_path: Path) -> None:
+    """--size N renders N x N frames with size // 9 px tiles: at 64 a 7-px tile grid leaves a
+    1-px black border on the right of the world, at 72 the 8-px tiles fill it."""
+    for size in (64, 72):
+        out = generate_dataset(tmp_path / str(size), episodes=1, steps=3, seed_start=5,
+                               workers=1, progress=False, size=size)  # fmt: skip
+        assert json.loads((out / "meta.json").read_text())["resolution"] == [size, size]
+        frames = load_episodes(out)[0].frames
+        assert frames.shape[1:] == (size, size, 3)
+        world_right_column = frames[:, : 7 * (size // 9), -1]
+        assert world_right_column.any() == (size == 72)
