@@ -421,6 +421,8 @@ def train_from_cli(args: argparse.Namespace) -> int:
         train = replace(train, seed=args.seed)
     if getattr(args, "clean_history", None) is not None:
         train = replace(train, clean_history=args.clean_history)
+    if getattr(args, "min_lr_ratio", None) is not None:
+        train = replace(train, min_lr_ratio=args.min_lr_ratio)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.minutes is None and args.steps is None:
