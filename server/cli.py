@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--clean-history", type=float,
                    help="P(a window's history is nearly clean) (default: the preset's)")
+    p.add_argument("--min-lr-ratio", type=float,
+                   help="cosine floor of the lr when --steps is set (1 = constant lr)")
     p.add_argument("--init", type=Path,
                    help="warm start from this bundle's weights (same architecture)")
     p.add_argument("--device")
