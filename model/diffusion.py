@@ -95,9 +95,15 @@ class NoiseSchedule:
             return out
         if self.cfg.objective == "v":  # v = a eps - s x0  =>  x0 = a x - s v
             return a * x - s * out
-        # eps: x0 = (x - s eps) / a. At zero SNR a = 0 and x0 is undetermined; clamping a keeps it
-        # finite (the network must then be trusted through other frames, as in Lin et al.).
-        return (x - s * out) / a.clamp_min(1e-4)
+        # eps: x0 = (x - s eps) / a, exactly, with the predicted eps clamped to
+        # [-clip_noise, clip_noise] as the DF reference does (model_predictions, pred_noise):
+        # beta <= 0.999 keeps a > 0 (4.9e-5 at cosine level 999), so no floor on a is needed,
+        # and a floor there would shrink x0 (1e-4 gave 0.49 x0 at that level). Only
+        # zero_terminal_snr makes a = 0 (Lin et al. pair it with v): x0 is then undetermined
+        # and its estimate is 0, the data's centre, instead of inf.
+        clip = self.cfg.clip_noise
+        x0 = (x - s * out.clamp(-clip, clip)) / torch.where(a > 0, a, 1)
+        return torch.where(a > 0, x0, 0)
 
     def target(self, x0: Tensor, noise: Tensor, levels: Tensor) -> Tensor:
         """The training target of the configured objective."""

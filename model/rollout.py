@@ -113,6 +113,33 @@ class _Forward:
     before: Tensor | None = None  # input of frame first-1 when it is inside the window
 
 
+_Commit = tuple[_Forward, list[Tensor], list[Tensor]]  # keys/values per layer, to cache
+
+
+@dataclass
+class _Undo:
+    """What `step` may change in one rollout, taken before it, put back if it raises: the
+    fields (lists copied, since steps extend and trim them in place), the generator's
+    position, and the cache's span (keys written past its end are never read)."""
+
+    state: RolloutState
+    fields: dict[str, object]
+    generator: Tensor
+    cache_span: tuple[int, int] | None
+
+    @classmethod
+    def take(cls, st: RolloutState) -> _Undo:
+        fields = {k: list(v) if isinstance(v, list) else v for k, v in vars(st).items()}
+        span = (st.cache.start, st.cache.end) if st.cache is not None else None
+        return cls(st, fields, st.generator.get_state(), span)
+
+    def restore(self) -> None:
+        vars(self.state).update(self.fields)
+        self.state.generator.set_state(self.generator)
+        if self.state.cache is not None and self.cache_span is not None:
+            self.state.cache.start, self.state.cache.end = self.cache_span
+
+
 class RolloutEngine:
     def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", use_cache: bool = True):
         self.bundle = bundle
@@ -222,19 +249,38 @@ class RolloutEngine:
 
         Returns, per rollout, the generated frames (index, (C, R, R) in [-1, 1]) that became
         clean and are next in order.
+
+        All or nothing: when it raises, every state is as it was before the call, so a caller
+        may step the same rollouts again (the worker retries them one by one to find the one
+        that fails). Every x0 is computed before any cache or sampler moves, and the chunk
+        set-up that precedes the forward (history, noise drawn from the generator) is undone.
         """
         live = [st for st in states if not st.done]
+        undo = [_Undo.take(st) for st in live]
+        try:
+            return self._step(states, live)
+        except BaseException:
+            for u in undo:
+                u.restore()
+            raise
+
+    def _step(self, states: list[RolloutState], live: list[RolloutState]
+              ) -> list[list[tuple[int, Tensor]]]:
         for st in live:
             if st.matrix is None or st.row >= st.matrix.shape[0] - 1:
                 self._start_chunk(st)
         specs = [self._plan(st) for st in live]
-        x0s = self._run_forwards(specs)
-        guided = [sp for sp in specs if sp.state.request.sampling.guidance != 1.0]
+        commits: list[_Commit] = []
+        x0s = self._run_forwards(specs, commits)
+        guided = [sp for sp in specs if sp.state.request.sampling.guidance != 1.0 and len(sp.x)]
         if guided:
             x0s_uncond = self._run_unconditional(guided)
             for sp in guided:
                 w = sp.state.request.sampling.guidance
                 x0s[id(sp)] = w * x0s[id(sp)] - (w - 1) * x0s_uncond[id(sp)]
+        # Every x0 is known: only now do caches and samplers move.
+        for sp, keys, values in commits:
+            self._commit(sp, keys, values)
         out: dict[int, list[tuple[int, Tensor]]] = {id(st): [] for st in states}
         for sp in specs:
             out[id(sp.state)] = self._advance(sp, x0s[id(sp)])
@@ -296,7 +342,9 @@ class RolloutEngine:
         assert st.chunk_x is not None
         from_levels, to_levels = self._row_levels(st)
         moving = (from_levels != to_levels).nonzero().flatten()
-        last = st.chunk_start + int(moving.max()) if len(moving) else st.chunk_start
+        if not len(moving):  # an idle row: no forward (and nothing to commit before the next)
+            return self._idle(st)
+        last = st.chunk_start + int(moving.max())
         if not self.causal:  # later frames (still pure noise) change the earlier ones' output
             last = st.chunk_start + len(st.chunk_x) - 1
         first = st.cache.end if st.cache is not None else self._history_start(st)
@@ -322,6 +370,14 @@ class RolloutEngine:
             use_cache=st.cache is not None,
             before=self._input(st, first - 1) if first > self._history_start(st) else None,
         )
+
+    def _idle(self, st: RolloutState) -> _Forward:
+        """The empty forward of a row in which no frame of the chunk moves."""
+        assert st.chunk_x is not None
+        empty = st.chunk_x[:0]
+        none = torch.zeros(0, dtype=torch.long, device=self.device)
+        return _Forward(state=st, first=st.chunk_start, x=empty, levels=none, actions=none,
+                        use_cache=False)
 
     def _input(self, st: RolloutState, g: int) -> Tensor:
         """The network input of finished frame g (history or an already clean chunk frame)."""
@@ -384,15 +440,22 @@ class RolloutEngine:
 
     # --- batched forward passes ------------------------------------------------------------
 
-    def _run_forwards(self, specs: list[_Forward]) -> dict[int, Tensor]:
+    def _run_forwards(self, specs: list[_Forward], commits: list[_Commit] | None = None
+                      ) -> dict[int, Tensor]:
         """Group rollouts by forward size (padding a 1-frame row to a 15-frame rebuild would
-        waste the batch) and run one forward per group. Returns x0 per spec id."""
-        x0s: dict[int, Tensor] = {}
+        waste the batch) and run one forward per group. Returns x0 per spec id; the keys and
+        values of frames to cache go to `commits`, for the caller to write.
+
+        A row in which no frame moves needs no forward (a pyramid whose uncertainty scale
+        exceeds its steps has such rows between frames): its x0 is empty."""
+        x0s: dict[int, Tensor] = {id(sp): sp.x for sp in specs if not len(sp.x)}
+        specs = [sp for sp in specs if len(sp.x)]
         for group in _size_groups(specs, exact=not self.causal):
-            x0s.update(self._forward_group(group))
+            x0s.update(self._forward_group(group, commits))
         return x0s
 
-    def _forward_group(self, group: list[_Forward]) -> dict[int, Tensor]:
+    def _forward_group(self, group: list[_Forward], commits: list[_Commit] | None
+                       ) -> dict[int, Tensor]:
         A = max(len(sp.x) for sp in group)
         x, levels, actions, positions, valid = self._pad(group, A)
         before = torch.zeros_like(x[:, 0])
@@ -408,7 +471,8 @@ class RolloutEngine:
             n = len(sp.x)
             result[id(sp)] = x0[b, :n]
             if sp.use_cache:
-                self._commit(sp, [k[b] for k in keys], [v[b] for v in values])
+                assert commits is not None, "a cached forward's keys must be committed"
+                commits.append((sp, [k[b] for k in keys], [v[b] for v in values]))
         return result
 
     def _pad(self, group: list[_Forward], A: int) -> tuple[Tensor, ...]:

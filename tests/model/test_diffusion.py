@@ -165,10 +165,10 @@ def test_sampling_levels_linspace_truncated(T: int) -> None:
 
 
 def _levels_for(objective: str, T: int) -> torch.Tensor:
-    # eps cannot be inverted where alpha < 1e-4 (the clamp in to_x0): level T-1 of the cosine
-    # schedule has alpha_bar ~ 2e-9; every other level is meaningful for every objective
-    top = T - 2 if objective == "eps" else T - 1
-    return torch.tensor([-1, 0, 1, 10, 100, 400, 777, 900, 990, top])
+    # Every level, the last included: level T-1 of the cosine schedule has alpha_bar ~ 2e-9,
+    # where an eps network's exact output must still give x0 (issue 13: a floor of 1e-4 on
+    # sqrt(alpha_bar) gave 0.49 x0 there).
+    return torch.tensor([-1, 0, 1, 10, 100, 400, 777, 900, 990, T - 1])
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -192,6 +192,24 @@ def test_to_x0_inverts_target_for_each_objective(objective: str, beta: str) -> N
     torch.testing.assert_close(
         ns.v_from_x0(x, x0, levels)[noisy], (a * noise - s * x0)[noisy], rtol=0, atol=1e-9
     )
+
+
+def test_eps_to_x0_clamps_eps_as_the_reference_does() -> None:
+    """The DF reference clamps a predicted eps to [-clip_noise, clip_noise] before x0 =
+    (x - s eps) / a; at zero terminal SNR (a = 0) x0 is undetermined and comes out 0."""
+    ns = schedule("cosine", "eps")
+    clip = ns.cfg.clip_noise
+    levels = torch.tensor([500, 500])
+    x = torch.full((2, 3), 0.5, dtype=F64)
+    out = torch.tensor([[clip * 10] * 3, [clip] * 3], dtype=F64)
+    x0 = ns.to_x0(out, x, levels)
+    torch.testing.assert_close(x0[0], x0[1], rtol=0, atol=0)
+    zero = NoiseSchedule(DiffusionConfig(timesteps=1000, beta_schedule="cosine",
+                                         objective="eps", zero_terminal_snr=True))
+    top = torch.tensor([999])
+    assert float(zero.alpha_bar(top)) == 0.0
+    assert torch.equal(zero.to_x0(torch.ones(1, 3, dtype=F64), x[:1], top), torch.zeros(1, 3,
+                                                                                 dtype=F64))
 
 
 def test_target_formulas() -> None:
