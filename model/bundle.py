@@ -25,6 +25,11 @@ from model.unet3d import UNet3D
 # The denoisers a bundle can name (config.architecture); the engine drives both through the
 # same call (see CausalVideoDiT.forward) and asks `causal` whether a KV cache may be used.
 Network = CausalVideoDiT | UNet3D
+from model.unet3d import UNet3D
+
+# The denoisers a bundle can name (config.architecture); the engine drives both through the
+# same call (see CausalVideoDiT.forward) and asks `causal` whether a KV cache may be used.
+Network = CausalVideoDiT | UNet3D
 
 PACKAGED_BUNDLES = Path(__file__).parent / "bundles"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
@@ -64,9 +69,17 @@ class Bundle:
         return describe(self.config, self.path)
 
 
+def unconditional(config: BundleConfig) -> bool:
+    """A model without actions (DF v1.5's video models): requests give only a frame count."""
+    return not config.data.action_names and config.network.n_actions == 0
+
+
 def action_index(config: BundleConfig, action: str | int) -> int:
     """Action name or index -> index; ValueError naming the accepted names."""
     names, n = config.data.action_names, config.network.n_actions
+    if unconditional(config):
+        raise ValueError(f"actions: {config.name} is unconditional and takes no actions; "
+                         "give `frames` only")  # fmt: skip
     if isinstance(action, bool) or not isinstance(action, (int, str)):
         raise ValueError(f"actions: {action!r} is not an action name or index")
     if isinstance(action, int):
@@ -88,7 +101,7 @@ def load_examples(config: BundleConfig, path: Path | None) -> dict[str, Example]
 def describe(config: BundleConfig, path: Path | None) -> dict[str, Any]:
     """The document of GET /v1/models/{id} and `dfserve models --json` (no weights needed)."""
     c = config
-    return {
+    doc = {
         "id": c.name,
         "resolution": c.network.resolution,
         "channels": c.network.channels,
@@ -102,7 +115,11 @@ def describe(config: BundleConfig, path: Path | None) -> dict[str, Any]:
         "samplers": list(SAMPLERS),
         "defaults": asdict(c.sampling),
         "examples": sorted(load_examples(c, path)),
+        "architecture": c.architecture,
     }
+    if unconditional(c):  # DESIGN §5: no `actions` at all, not an empty list
+        del doc["actions"]
+    return doc
 
 
 def load_config(path: str | Path) -> BundleConfig:
@@ -118,6 +135,14 @@ def load_config(path: str | Path) -> BundleConfig:
 
 def build_network(config: BundleConfig) -> CausalVideoDiT:
     return CausalVideoDiT(config.network, config.diffusion.timesteps)
+
+
+def build_denoiser(config: BundleConfig) -> Network:
+    """The network of the bundle's architecture (one file per architecture in model/)."""
+    if config.architecture == "unet3d":
+        assert config.unet is not None  # BundleConfig.from_dict checks it
+        return UNet3D(config.network, config.unet)
+    return build_network(config)
 
 
 def build_denoiser(config: BundleConfig) -> Network:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.bundle import action_index
+from model.bundle import action_index, unconditional
 from model.config import BundleConfig, SamplingConfig
 from model.rollout import RolloutRequest
 
@@ -57,7 +57,8 @@ def prepare(
     frames = _resolve_frames(frames, action_ids, limit, notes)
     if not action_ids:
         action_ids = [_default_action(config)] * frames
-        notes.append("actions: none given, using noop for every frame")
+        if not unconditional(config):  # an unconditional model takes none: nothing to note
+            notes.append("actions: none given, using noop for every frame")
     elif len(action_ids) < frames:
         cycled = [action_ids[i % len(action_ids)] for i in range(frames)]
         notes.append(f"actions: {len(action_ids)} given for {frames} frames, repeated cyclically")

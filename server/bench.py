@@ -167,8 +167,13 @@ def run_bench(args: argparse.Namespace) -> int:
         "steps": bundle.config.sampling.steps,
         "chunk_size": bundle.config.sampling.chunk_size,
     }
-    report.update(engine_figures(bundle, device, args.quick))
-    report.update(sampler_figures(bundle, device, args.quick))
+    if bundle.config.architecture == "unet3d":  # no cache: the engine vs the research loop
+        from server.bench_df import unet_figures
+
+        report.update(unet_figures(bundle, device, args.quick))
+    else:
+        report.update(engine_figures(bundle, device, args.quick))
+        report.update(sampler_figures(bundle, device, args.quick))
     if not args.engine_only:
         from server.bench_service import service_figures
 

@@ -286,11 +286,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     doc = model_list(Catalog.from_settings(
         Settings(**{k: v for k, v in flags.items() if v is not None})))
     if args.json:
-        print(doc.model_dump_json(indent=2))
+        print(doc.model_dump_json(indent=2, exclude_none=True))
         return 0
     for m in doc.models:
+        acts = f"{len(m.actions)} actions" if m.actions is not None else "unconditional"
         print(f"{m.id}{' (default)' if m.default else ''}: {m.resolution}x{m.resolution} @ "
-              f"{m.fps} fps, window {m.n_frames} frames, {len(m.actions)} actions, "
+              f"{m.fps} fps, window {m.n_frames} frames, {acts}, "
               f"examples: {', '.join(m.examples) or '-'}")  # fmt: skip
     return 0
 
@@ -320,6 +321,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from server.bench import run_bench
 
     return run_bench(args)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from model.importers.diffusion_forcing import import_checkpoint
+
+    out = import_checkpoint(args.checkpoint, args.out, args.config, args.name)
+    print(f"wrote {out} (serve it: dfserve serve --model {out})")
+    return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:

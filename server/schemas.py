@@ -136,7 +136,9 @@ class ModelInfo(BaseModel):
     context_length: int
     max_context_frames: int
     max_rollout_frames: int
-    actions: list[str]
+    actions: list[str] | None = Field(
+        None, description="action names; absent for unconditional models (frames only)")
+    architecture: str = Field("dit", description="the network: dit, or unet3d (imported)")
     schedules: list[str]
     samplers: list[str]
     defaults: dict[str, Any]

@@ -164,7 +164,8 @@ function selectModel() {
   if (!m) return;
   state.model = m;
   el.modelInfo.textContent = `${m.resolution}×${m.resolution} · ${m.fps} fps · window ` +
-    `${m.n_frames} frames · ${m.actions.length} actions`;
+    `${m.n_frames} frames · ` +
+    (m.actions ? `${m.actions.length} actions` : "unconditional (no actions)");
   const fill = (select, values, chosen) => select.replaceChildren(
     ...values.map((v) => new Option(v, v, v === chosen, v === chosen)));
   fill(el.example, [...m.examples, ""], m.examples[0]);

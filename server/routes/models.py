@@ -16,12 +16,13 @@ def model_list(catalog: Catalog) -> ModelList:
     return ModelList(default=catalog.default, models=models)
 
 
-@router.get("", response_model=ModelList)
+@router.get("", response_model=ModelList, response_model_exclude_none=True)
 def list_models(catalog: CatalogDep) -> ModelList:
     return model_list(catalog)
 
 
-@router.get("/{model_id}", response_model=ModelInfo, responses={404: {"model": ErrorBody}})
+@router.get("/{model_id}", response_model=ModelInfo, response_model_exclude_none=True,
+            responses={404: {"model": ErrorBody}})
 def get_model(model_id: str, catalog: CatalogDep) -> ModelInfo:
     if model_id not in catalog.configs:
         raise ApiError(404, "model", f"{model_id!r} is not a model this server serves",

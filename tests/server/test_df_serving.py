@@ -1,0 +1,77 @@
+"""An imported diffusion-forcing checkpoint, served: API (REST + MP4), CLI, /v1/models.
+
+The bundle is imported from the reference's fixture checkpoint (tests/fixtures/diffusion_
+forcing), exactly as a user would with `dfserve import diffusion-forcing`.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server import video
+from server.cli import main as dfserve
+from tests.server.test_api import Service, make_service, png_b64
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "diffusion_forcing"
+
+
+@pytest.fixture(scope="module")
+def df_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("df") / "df-fixture"
+    code = dfserve(["import", "diffusion-forcing", str(FIXTURE / "reference.ckpt"),
+                    "--out", str(out), "--config", str(FIXTURE / "config.yaml")])  # fmt: skip
+    assert code == 0
+    return out
+
+
+@pytest.fixture
+def df_service(df_bundle: Path) -> Iterator[Service]:
+    for svc in make_service("fakeredis", df_bundle, max_batch=2):
+        svc.start_worker()
+        svc.wait_ready(timeout=300)  # a shared, busy CPU: the warm-up rollout may be slow
+        yield svc
+
+
+def test_imported_bundle_serves_an_mp4(df_service: Service) -> None:
+    body = {"context": [png_b64(16, 0), png_b64(16, 1)], "frames": 5, "steps": 2}
+    r = df_service.client.post("/v1/rollouts?wait=true", json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "video/mp4"
+    info = video.probe_mp4(r.content)
+    assert info.frames == 5 and info.codec == "h264" and info.pix_fmt == "yuv420p"
+    job = df_service.client.get(f"/v1/rollouts/{r.headers['x-rollout-id']}").json()
+    assert job["status"] == "succeeded" and not job.get("notes")
+
+
+def test_models_say_the_model_takes_no_actions(df_service: Service) -> None:
+    doc = df_service.client.get("/v1/models/df-fixture").json()
+    assert "actions" not in doc
+    assert doc["architecture"] == "unet3d" and doc["n_frames"] == 8
+    listed = df_service.client.get("/v1/models").json()["models"]
+    assert all("actions" not in m for m in listed if m["id"] == "df-fixture")
+
+
+def test_actions_for_an_unconditional_model_are_refused(df_service: Service) -> None:
+    body = {"context": [png_b64(16, 0)], "actions": ["left"], "frames": 2}
+    r = df_service.client.post("/v1/rollouts", json=body)
+    assert r.status_code == 422
+    assert "unconditional" in r.text
+
+
+def test_cli_rollout_without_actions(df_bundle: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    frames = []
+    for i in range(2):
+        (tmp_path / f"{i}.png").write_bytes(base64.b64decode(png_b64(16, i)))
+        frames.append(str(tmp_path / f"{i}.png"))
+    out = tmp_path / "out.mp4"
+    code = dfserve(["rollout", "--local", "--model", str(df_bundle), "--context", *frames,
+                    "--frames", "4", "--steps", "2", "-o", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert video.probe_mp4(out.read_bytes()).frames == 4
+    assert dfserve(["models", "--model", str(df_bundle)]) == 0
+    assert "df-fixture" in capsys.readouterr().out
