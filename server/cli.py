@@ -331,13 +331,5 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_import(args: argparse.Namespace) -> int:
-    from model.importers.diffusion_forcing import import_checkpoint
-
-    out = import_checkpoint(args.checkpoint, args.out, args.config, args.name)
-    print(f"wrote {out} (serve it: dfserve serve --model {out})")
-    return 0
-
-
 if __name__ == "__main__":
     sys.exit(main())
