@@ -25,11 +25,6 @@ from model.unet3d import UNet3D
 # The denoisers a bundle can name (config.architecture); the engine drives both through the
 # same call (see CausalVideoDiT.forward) and asks `causal` whether a KV cache may be used.
 Network = CausalVideoDiT | UNet3D
-from model.unet3d import UNet3D
-
-# The denoisers a bundle can name (config.architecture); the engine drives both through the
-# same call (see CausalVideoDiT.forward) and asks `causal` whether a KV cache may be used.
-Network = CausalVideoDiT | UNet3D
 
 PACKAGED_BUNDLES = Path(__file__).parent / "bundles"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
@@ -135,14 +130,6 @@ def load_config(path: str | Path) -> BundleConfig:
 
 def build_network(config: BundleConfig) -> CausalVideoDiT:
     return CausalVideoDiT(config.network, config.diffusion.timesteps)
-
-
-def build_denoiser(config: BundleConfig) -> Network:
-    """The network of the bundle's architecture (one file per architecture in model/)."""
-    if config.architecture == "unet3d":
-        assert config.unet is not None  # BundleConfig.from_dict checks it
-        return UNet3D(config.network, config.unet)
-    return build_network(config)
 
 
 def build_denoiser(config: BundleConfig) -> Network:
