@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,10 +19,12 @@ from typing import Any
 import anyio.to_thread
 import redis
 from fastapi import FastAPI, Request, WebSocket
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,12 +35,13 @@ from server.queue import Queue
 from server.routes import health, models, rollouts, sessions
 from server.routes.deps import ApiError, Catalog, value_error
 from server.settings import Settings
+from server.streams import EventHub
 
 log = logging.getLogger(__name__)
 
 VIEWER = Path(__file__).resolve().parent.parent / "clients" / "web"
 REDIS_RETRY_AFTER_S = 2  # Retry-After of the 503 answered while Redis is unreachable
-THREADS = 200  # sync routes, blocking Redis reads of WebSockets and ?wait=true share these
+THREADS = 200  # sync routes and the Redis reads of WebSockets and ?wait=true share these
 
 
 class BodyTooLarge(Exception):
@@ -107,10 +111,13 @@ def create_app(settings: Settings, queue: Queue | None = None) -> FastAPI:
             client = settings.redis_client()
             app.state.queue = Queue(client, **settings.queue_options())
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        app.state.hub = EventHub(app.state.queue)  # every stream's wait for news
+        app.state.hub.start()
         log.info("API ready: models %s (default %s)", sorted(catalog.configs), catalog.default)
         try:
             yield
         finally:
+            app.state.hub.stop()
             if client is not None:
                 client.close()
             if queue is None:
@@ -169,9 +176,39 @@ def _add_error_handlers(app: FastAPI) -> None:
                        headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
         return JSONResponse(err.body(), status_code=503, headers=err.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        if e.status_code != 405:
+            return await http_exception_handler(request, e)
+        # Starlette's 405 names the methods of the first route whose path matched (GET, HEAD
+        # for /v1/rollouts, which POST serves too): name those of every route of the path.
+        allow = ", ".join(_allowed_methods(request))
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers={"Allow": allow})
+        err = ApiError(405, None, f"{request.method} is not allowed here; use {allow}")
+        return JSONResponse(err.body(), status_code=405, headers={"Allow": allow})
+
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
         return JSONResponse(ApiError(413, None, str(e)).body(), status_code=413)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods of the request's path, as the OpenAPI document lists them (GET and HEAD
+    alone where no API route matches: the viewer's files)."""
+    methods: set[str] = set()
+    for template, item in request.app.openapi()["paths"].items():
+        if _template_regex(template).fullmatch(request.url.path):
+            methods |= {m.upper() for m in item if m != "parameters"}
+    if not methods or "GET" in methods:
+        methods |= {"GET", "HEAD"}
+    return sorted(methods | {"OPTIONS"})
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    """/v1/rollouts/{rollout_id} -> a regex matching one path segment per parameter."""
+    parts = re.split(r"(\{[^/}]+\})", template)
+    return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))
 
 
 def _mount_viewer(app: FastAPI) -> None:

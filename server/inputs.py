@@ -22,6 +22,10 @@ from model.config import BundleConfig
 from server import video
 
 MAX_VIDEO_FRAMES = 256  # frames decoded from one context video (only the last ones are kept)
+# pixels (frames x width x height) all of a request's context may decode to (the default of
+# Settings.max_request_pixels): 128 frames of 1080p video fit, a GIF of 256 frames on a
+# 2048x2048 canvas (6 KB of file) does not
+MAX_REQUEST_PIXELS = 2**28
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".gif")
 
 
@@ -66,6 +70,7 @@ def decode_context(
     files: list[Upload] | None = None,
     examples: Callable[[], dict[str, Example]] = dict,
     max_pixels: int = video.MAX_PIXELS,
+    max_request_pixels: int = MAX_REQUEST_PIXELS,
 ) -> Context:
     given = [name for name, v in (("context", context), ("context_video", context_video),
                                   ("example", example), ("files", files)) if v]  # fmt: skip
@@ -82,23 +87,81 @@ def decode_context(
         frames = [video.resize_frame(f, r) for f in ex.context]
         return Context(np.stack(frames), list(ex.context_actions) or None,
                        list(ex.actions) or None)
-    raw: list[np.ndarray] = []
+    items: list[_Source] = []
     if context:
         for i, item in enumerate(context):
             if not isinstance(item, str):
                 raise InputError(f"context[{i}]", "must be a base64 string")
-            raw.append(_image(f"context[{i}]", _b64(f"context[{i}]", item), max_pixels))
+            items.append(_Source(f"context[{i}]", _b64(f"context[{i}]", item), False))
     elif context_video:
-        raw = _video("context_video", _b64("context_video", context_video), max_pixels)
+        items.append(_Source("context_video", _b64("context_video", context_video), True))
     else:
-        for f, name in zip(files or [], _upload_names(files or []), strict=True):
-            if f.is_video:
-                raw += _video(name, f.data, max_pixels)
-            else:
-                raw.append(_image(name, f.data, max_pixels))
-    if not raw:
+        items = [_Source(name, f.data, f.is_video)
+                 for f, name in zip(files or [], _upload_names(files or []), strict=True)]
+    keep = config.network.max_frames - 1  # the most context frames any request can use
+    frames = _decode(items, given[0], r, keep, max_pixels, max_request_pixels)
+    if not frames:
         raise InputError(given[0], "no frames")
-    return Context(np.stack([video.resize_frame(f, r) for f in raw]), None, None)
+    return Context(np.stack(frames), None, None)
+
+
+@dataclass
+class _Source:
+    """One image or video of a request's context, with what its headers say."""
+
+    name: str  # how errors name it: context[1], files[0] (a.png), context_video
+    data: bytes
+    is_video: bool
+    width: int = 0
+    height: int = 0
+    frames: int = 1  # frames it may decode to (videos: the header's count, else the cap)
+
+    def probe(self, max_pixels: int) -> None:
+        try:
+            if self.is_video:
+                self.width, self.height, count = video.video_header(self.data)
+                self.frames = min(count or MAX_VIDEO_FRAMES, MAX_VIDEO_FRAMES)
+            else:
+                self.width, self.height = video.image_size(self.data)
+        except ValueError as e:
+            raise InputError(self.name, str(e)) from e
+        if self.width * self.height > max_pixels:
+            what = "video" if self.is_video else "image"
+            raise InputError(self.name, f"{what} is too large: {self.width}x{self.height} > "
+                             f"{max_pixels} pixels")  # fmt: skip
+
+
+def _decode(sources: list[_Source], field: str, r: int, keep: int, max_pixels: int,
+            max_request_pixels: int) -> list[np.ndarray]:
+    """The context frames at resolution r, decoding as little as the model needs.
+
+    Every header is read first and the pixels that decoding would produce (frames x canvas,
+    per source) are checked against the request's budget before any pixel is decoded: a
+    few KB of GIF can describe gigabytes. Only the last `keep` frames can reach the model
+    (model.request.prepare trims the rest), so images before them are never decoded and
+    stand as blank frames there, and a video keeps only its last `keep` frames in memory."""
+    for src in sources:
+        src.probe(max_pixels)
+    first_needed, count = len(sources), 0
+    while first_needed > 0 and count < keep:  # images before this one are placeholders
+        first_needed -= 1
+        count += sources[first_needed].frames
+    needed = [s for i, s in enumerate(sources) if i >= first_needed or s.is_video]
+    pixels = sum(s.width * s.height * s.frames for s in needed)
+    if pixels > max_request_pixels:
+        raise InputError(field, f"the context would decode to {pixels:,} pixels (frames x "
+                         f"width x height over {len(needed)} files); this server decodes at "
+                         f"most {max_request_pixels:,} per request")  # fmt: skip
+    blank = np.zeros((r, r, 3), dtype=np.uint8)
+    frames: list[np.ndarray] = []
+    for i, src in enumerate(sources):
+        if not src.is_video:
+            image = _image(src.name, src.data, max_pixels) if i >= first_needed else None
+            frames.append(blank if image is None else video.resize_frame(image, r))
+            continue
+        tail, decoded = _video(src.name, src.data, keep, max_pixels)
+        frames += [blank] * (decoded - len(tail)) + [video.resize_frame(f, r) for f in tail]
+    return frames
 
 
 def _upload_names(files: list[Upload]) -> list[str]:
@@ -129,9 +192,10 @@ def _image(field: str, data: bytes, max_pixels: int) -> np.ndarray:
         raise InputError(field, str(e)) from e
 
 
-def _video(field: str, data: bytes, max_pixels: int) -> list[np.ndarray]:
+def _video(field: str, data: bytes, keep: int, max_pixels: int
+           ) -> tuple[list[np.ndarray], int]:
     try:
-        return video.decode_video(data, MAX_VIDEO_FRAMES, max_pixels=max_pixels)
+        return video.decode_video_tail(data, MAX_VIDEO_FRAMES, keep, max_pixels=max_pixels)
     except ValueError as e:
         raise InputError(field, str(e)) from e
 

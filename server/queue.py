@@ -298,13 +298,41 @@ class Queue:
         instead, so control events after the last frame are not repeated. With block_ms > 0
         and nothing new, waits up to block_ms for the next event (XREAD BLOCK).
         """
-        start = after_id or f"{min(after_index, MAX_INDEX) + 1}-0"
+        start = after_id or events_cursor(after_index)
         key = self.keys.events(job_id)
         entries = self.redis.xrange(key, f"({start}", "+", count=count)
         if not entries and block_ms > 0:
             reply = self.redis.xread({key: start}, count=count, block=block_ms)
             entries = reply[0][1] if reply else []
         return [_parse_event(eid, f) for eid, f in entries]
+
+    def newest_events(self, cursors: dict[str, str], block_ms: int) -> dict[str, str]:
+        """Job id -> the id of an event after its cursor, for the jobs that have one; with
+        none, waits up to block_ms (one XREAD over every job). COUNT 1: this is a wake-up for
+        the API's event hub (server/streams.py), not the frames, which readers fetch with
+        `events` from their own cursors."""
+        if not cursors:
+            return {}
+        streams = {self.keys.events(j): c for j, c in cursors.items()}
+        reply = self.redis.xread(streams, count=1, block=max(block_ms, 1))
+        prefix = len(self.keys.events(""))
+        return {_s(key)[prefix:]: _s(entries[-1][0]) for key, entries in reply or [] if entries}
+
+    def positions(self, job_ids: list[str]) -> dict[str, int | None]:
+        """Each job's queue position (None when it is not queued), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.zrank(self.keys.queued, job_id)
+        return dict(zip(job_ids, pipe.execute() if job_ids else [], strict=True))
+
+    def standing(self, job_id: str) -> tuple[bool, int | None]:
+        """(the job exists, its queue position or None when not queued) in one cheap round
+        trip: what an open stream polls while nothing happens (`get` reads the whole job)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(self.keys.job(job_id))
+        pipe.zrank(self.keys.queued, job_id)
+        exists, rank = pipe.execute()
+        return bool(exists), rank
 
     def frame_png(self, job_id: str, index: int) -> bytes | None:
         """The PNG of one published frame."""
@@ -355,6 +383,25 @@ class Queue:
             actions = [a for _, f in entries for a in json.loads(f[b"a"])]
             out[_s(key)[prefix:]] = (actions, _s(entries[-1][0]))
         return out
+
+    def next_slot_s(self) -> float | None:
+        """Seconds until a running job is likely to end and free a slot (what a 429's
+        Retry-After says): the soonest finish of the live jobs at their own pace so far
+        (time per frame since they started x frames left); None when no live job has made
+        a frame yet to go by."""
+        ids = [j for w in self.workers() for j in w.get("jobs", [])]
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(self.keys.job(job_id), "status", "started_at", "frames_done",
+                       "frames_total")
+        now, guesses = time.time(), []
+        for status, started, done, total in pipe.execute() if ids else []:
+            if _s(status) != JobStatus.running.value or not started or not done:
+                continue
+            done_n, total_n = int(done), int(total)
+            if done_n > 0:
+                guesses.append((now - float(started)) / done_n * max(total_n - done_n, 0))
+        return min(guesses) if guesses else None
 
     def queued_count(self) -> int:
         return int(self.redis.zcard(self.keys.queued))
@@ -651,20 +698,42 @@ class Queue:
         return ok
 
 
-def connect(url: str | None, fake_server: Any = None, timeout_s: float = 10.0) -> Any:
+def events_cursor(after_index: int) -> str:
+    """The stream id after which frame after_index + 1 (and every control event after the
+    frames up to after_index) comes; after_index -1 gives 0-0, just before `started` (0-1)."""
+    return f"{min(after_index, MAX_INDEX) + 1}-0"
+
+
+def stream_id(entry_id: str) -> tuple[int, int]:
+    """A Redis stream id ("ms-seq") as a tuple, for comparing ids."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def connect(url: str | None, fake_server: Any = None, timeout_s: float = 10.0,
+            max_connections: int | None = None) -> Any:
     """A client for `url`, or, with no url, for an in-process fakeredis server (the embedded
     mode: pass the same FakeServer to every client that must share the queue).
 
     timeout_s bounds every command, so a Redis that hangs (stopped, swapping, a dead network
     path) turns into redis.TimeoutError (503 from the API, backoff in the worker) instead of a
-    thread blocked forever; it must exceed the longest blocking read here (1 s)."""
+    thread blocked forever; it must exceed the longest blocking read here (1 s).
+
+    max_connections: a pool of at most that many connections, where a caller that finds them
+    all in use waits for one (up to timeout_s) instead of failing with "Too many
+    connections" (redis-py's default pool fails at 100, fewer than the API's threads)."""
     if url is None:
         import fakeredis
 
         return fakeredis.FakeRedis(server=fake_server or fakeredis.FakeServer())
-    return redis.Redis.from_url(url, socket_connect_timeout=min(5.0, timeout_s),
-                                socket_timeout=timeout_s, socket_keepalive=True,
-                                health_check_interval=30)  # fmt: skip
+    options: dict[str, Any] = {"socket_connect_timeout": min(5.0, timeout_s),
+                               "socket_timeout": timeout_s, "socket_keepalive": True,
+                               "health_check_interval": 30}
+    if max_connections is None:
+        return redis.Redis.from_url(url, **options)
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections,
+                                                 timeout=timeout_s, **options)
+    return redis.Redis.from_pool(pool)
 
 
 def _add_note(h: dict[bytes, bytes], note: str) -> str:

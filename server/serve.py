@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 # Frames go out as PNG/JPEG, already compressed: per-message deflate would spend the API's CPU
 # (and the GIL the embedded worker needs) compressing them again for nothing.
 WS_DEFLATE = False
+# On SIGTERM uvicorn stops accepting, then waits this long for open requests (a ?wait=true
+# POST may wait minutes, a stream for ever) before cancelling them: compose gives 30 s.
+GRACEFUL_SHUTDOWN_S = 5
 
 
 def embedded_torch_threads(settings: Settings) -> int | None:
@@ -61,7 +64,8 @@ def run_serve(settings: Settings, host: str, port: int) -> None:
             server.should_exit = True
 
     config = uvicorn.Config(app, host=host, port=port, log_config=None,
-                            timeout_graceful_shutdown=5, ws_per_message_deflate=WS_DEFLATE)
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                            ws_per_message_deflate=WS_DEFLATE)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=work, name="dfserve-worker", daemon=True)
     thread.start()
@@ -81,7 +85,8 @@ def run_api(settings: Settings, host: str, port: int) -> None:
                          "the workers); `dfserve serve` runs everything in one process")
     app = create_app(settings)
     _exit_quietly_on_signals()
-    uvicorn.run(app, host=host, port=port, log_config=None, ws_per_message_deflate=WS_DEFLATE)
+    uvicorn.run(app, host=host, port=port, log_config=None, ws_per_message_deflate=WS_DEFLATE,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
 def _exit_quietly_on_signals() -> None:

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     # Every Redis command's deadline: a hung Redis gives 503s and worker backoff, not stuck
     # threads. Above the longest blocking read (1 s, server/routes/rollouts.py).
     redis_timeout_s: float = Field(default=10.0, ge=2.0)
+    # Redis connections per process: a thread that finds them all in use waits for one (up to
+    # redis_timeout_s) instead of failing. Above the API's threads (server/app.py THREADS), so
+    # the API never waits; open streams hold none (server/streams.py).
+    redis_max_connections: int = Field(default=256, ge=2)
 
     # models
     models_dir: Annotated[list[Path], NoDecode] = []  # extra bundle folders (or parents of)
@@ -64,6 +68,9 @@ class Settings(BaseSettings):
     max_frames: int = Field(default=512, ge=1)  # frames per request (also capped by the bundle)
     max_body_bytes: int = Field(default=32 * 2**20, ge=1024)  # larger bodies get 413
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)  # per context image/frame
+    # frames x width x height that a request's context images and videos may decode to,
+    # checked from their headers before anything is decoded (server/inputs.py)
+    max_request_pixels: int = Field(default=2**28, ge=1)
     max_context_frames: int = Field(default=64, ge=1)  # context images/files per request
     max_steps: int = Field(default=1000, ge=1)  # denoising steps (also capped by the bundle's T)
     wait_timeout_s: float = Field(default=120.0, gt=0)  # bound of POST /v1/rollouts?wait=true
@@ -85,7 +92,8 @@ class Settings(BaseSettings):
         """A Redis client for redis_url (or the embedded fake_server) with these settings."""
         from server.queue import connect
 
-        return connect(self.redis_url, fake_server, self.redis_timeout_s)
+        return connect(self.redis_url, fake_server, self.redis_timeout_s,
+                       self.redis_max_connections)
 
     def queue_options(self) -> dict[str, Any]:
         """Keyword arguments of server.queue.Queue."""

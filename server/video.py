@@ -8,6 +8,7 @@ routes can turn it into a 4xx.
 
 from __future__ import annotations
 
+import collections
 import io
 import struct
 from collections.abc import Iterator, Sequence
@@ -191,13 +192,43 @@ def _open(data: bytes) -> av.container.InputContainer:
         raise ValueError(f"input is not a decodable video: {_reason(e)}") from e
 
 
+def video_header(data: bytes) -> tuple[int, int, int | None]:
+    """Width, height and frame count (None when the container does not say) of the first
+    video stream, from the headers alone: nothing is decoded."""
+    with _open(data) as container:
+        if not container.streams.video:
+            raise ValueError("input is not a decodable video: it has no video stream")
+        stream = container.streams.video[0]
+        return stream.width, stream.height, stream.frames or None
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """Width and height of an image from its header alone (no pixels decompressed)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Image.UnidentifiedImageError as e:
+        raise ValueError("input is not a decodable image: unknown or corrupt format") from e
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"input is not a decodable image: {e}") from e
+
+
 def decode_video(
     data: bytes, max_frames: int | None = None, *, max_pixels: int = MAX_PIXELS
 ) -> list[np.ndarray]:
     """Decode the first video stream of any container/codec PyAV knows to RGB uint8 frames."""
+    return decode_video_tail(data, max_frames, None, max_pixels=max_pixels)[0]
+
+
+def decode_video_tail(
+    data: bytes, max_frames: int | None, keep_last: int | None, *, max_pixels: int = MAX_PIXELS
+) -> tuple[list[np.ndarray], int]:
+    """Decode up to max_frames frames but keep only the last keep_last (memory stays at
+    keep_last frames however long the video); returns them and how many were decoded."""
     if max_frames is not None and max_frames < 0:
         raise ValueError(f"max_frames must be >= 0, got {max_frames}")
-    frames: list[np.ndarray] = []
+    frames: collections.deque[np.ndarray] = collections.deque(maxlen=keep_last)
+    decoded = 0
     with _open(data) as container:
         if not container.streams.video:
             raise ValueError("input is not a decodable video: it has no video stream")
@@ -208,15 +239,16 @@ def decode_video(
             )
         try:
             for frame in container.decode(stream):
-                if max_frames is not None and len(frames) >= max_frames:
+                if max_frames is not None and decoded >= max_frames:
                     break
                 frames.append(frame.to_ndarray(format="rgb24"))
+                decoded += 1
         except av.FFmpegError as e:
-            if not frames:  # a truncated tail is tolerated, a stream with no picture is not
+            if not decoded:  # a truncated tail is tolerated, a stream with no picture is not
                 raise ValueError(f"input is not a decodable video: {_reason(e)}") from e
-    if not frames and max_frames != 0:
+    if not decoded and max_frames != 0:
         raise ValueError("input is not a decodable video: no frames could be decoded")
-    return frames
+    return list(frames), decoded
 
 
 def probe_mp4(data: bytes) -> VideoInfo:

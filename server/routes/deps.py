@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from model.config import CONTEXT_NOISE_MODES, SAMPLERS, SCHEDULES, BundleConfig
 from server.inputs import InputError
 from server.queue import Queue
 from server.settings import Settings
+from server.streams import EventHub
 
 
 class ApiError(Exception):
@@ -27,10 +29,37 @@ class ApiError(Exception):
         self.accepted, self.headers = accepted, headers
 
     def body(self) -> dict[str, Any]:
-        detail: dict[str, Any] = {"field": self.field, "message": self.message}
+        # Bounded whatever a message quotes: a 10 MB `model` must not come back as a 10 MB
+        # error (and field names can be the client's, e.g. an unknown JSON key).
+        field = None if self.field is None else clip(self.field, MAX_FIELD)
+        detail: dict[str, Any] = {"field": field, "message": shorten(self.message)}
         if self.accepted is not None:
             detail["accepted"] = self.accepted
         return {"detail": detail}
+
+
+MAX_ECHO = 80  # characters of a client's value quoted back in an error message
+MAX_FIELD = 120  # characters of a field name in an error
+MAX_MESSAGE = 1000  # characters of an error message
+
+
+def clip(value: object, limit: int = MAX_ECHO) -> str:
+    """A client's value as quoted in an error: cut to `limit` characters, saying how many
+    more there were."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def shorten(message: str, limit: int = MAX_MESSAGE) -> str:
+    """An error message of at most about `limit` characters, keeping its start and its end
+    (which says what was wrong) and cutting the middle, where long echoed values sit."""
+    if len(message) <= limit:
+        return message
+    half = limit // 2
+    return f"{message[:half]} ... ({len(message) - 2 * half} characters cut) ... " \
+           f"{message[-half:]}"
 
 
 _FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*): (.*)$", re.S)
@@ -87,7 +116,7 @@ class Catalog:
     def config(self, model_id: str | None) -> tuple[str, BundleConfig]:
         model_id = model_id or self.default
         if model_id not in self.configs:
-            raise ApiError(422, "model", f"{model_id!r} is not a model this server serves",
+            raise ApiError(422, "model", f"{clip(model_id)!r} is not a model this server serves",
                            sorted(self.configs))
         return model_id, self.configs[model_id]
 
@@ -102,6 +131,18 @@ class Catalog:
         if model_id not in self._examples:
             self._examples[model_id] = load_examples(self.configs[model_id], self.paths[model_id])
         return self._examples[model_id]
+
+
+RETRY_AFTER_S = (1, 5, 600)  # a 429's Retry-After: at least, when unknown, at most
+
+
+def queue_full(queue: Queue, error: Exception) -> ApiError:
+    """The 429 of a full queue, its Retry-After from the queue itself: when the soonest
+    running job should end (server.queue.Queue.next_slot_s)."""
+    low, unknown, high = RETRY_AFTER_S
+    guess = queue.next_slot_s()
+    seconds = unknown if guess is None else min(max(math.ceil(guess), low), high)
+    return ApiError(429, None, str(error), headers={"Retry-After": str(seconds)})
 
 
 OWNER_SCOPE = "dfserve.owner"  # set by server.auth.AuthMiddleware: the caller's owner id
@@ -130,7 +171,12 @@ def get_catalog(conn: HTTPConnection) -> Catalog:
     return conn.app.state.catalog
 
 
+def get_hub(conn: HTTPConnection) -> EventHub:
+    return conn.app.state.hub
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 QueueDep = Annotated[Queue, Depends(get_queue)]
 CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 OwnerDep = Annotated[str | None, Depends(get_owner)]
+HubDep = Annotated[EventHub, Depends(get_hub)]

@@ -5,9 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from server.auth import KeyChecker, presented_key
 from server.metrics import CONTENT_TYPE
-from server.routes.deps import QueueDep
+from server.routes.deps import QueueDep, SettingsDep
 from server.schemas import Health, Ready
+from server.settings import Settings
 
 router = APIRouter(tags=["health"])
 
@@ -19,15 +21,25 @@ def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
-def readyz(queue: QueueDep) -> JSONResponse:
-    """Ready: Redis reachable, and a worker with a fresh heartbeat has warmed its model up."""
+def readyz(request: Request, queue: QueueDep, settings: SettingsDep) -> JSONResponse:
+    """Ready: Redis reachable, and a worker with a fresh heartbeat has warmed its model up.
+    The workers (hosts, pids, live jobs) are listed only to a caller with an API key when
+    keys are set: the probe itself needs no key and learns only ready or not, and why."""
     redis_ok = queue.ping()
     workers = queue.workers() if redis_ok else []
     warm = [w for w in workers if w.get("warmed_up")]
     reason = None if warm else ("Redis is unreachable" if not redis_ok else
                                 "no worker with a warmed-up model has a fresh heartbeat")
-    body = Ready(ready=reason is None, redis=redis_ok, workers=workers, reason=reason)
+    shown = workers if _may_see_internals(request, settings) else []
+    body = Ready(ready=reason is None, redis=redis_ok, workers=shown, reason=reason)
     return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
+
+
+def _may_see_internals(request: Request, settings: Settings) -> bool:
+    if not settings.api_keys:
+        return True  # no auth: nothing is private
+    key = presented_key(request.scope)
+    return key is not None and KeyChecker(settings.api_keys).valid(key)
 
 
 @router.get("/metrics", response_class=Response)

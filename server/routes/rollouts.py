@@ -3,7 +3,8 @@
 Route functions that only call the synchronous Queue are sync (FastAPI runs them in its
 threadpool). POST is async because it reads a JSON or multipart body itself; its decoding and
 validation (images, torch ops in prepare) then run in the threadpool. The WebSocket reads
-frames from Redis (queue.events, blocking reads in a thread), never from a worker's memory.
+frames from Redis (queue.events), never from a worker's memory, and waits for news on the
+process's one event hub (server/streams.py), which holds no thread or connection per socket.
 """
 
 from __future__ import annotations
@@ -27,16 +28,19 @@ from model.bundle import action_index
 from model.request import SAMPLING_FIELDS, prepare
 from server import video
 from server.inputs import InputError, Upload, decode_context, encode_context
-from server.queue import Job, JobStatus, Queue, QueueFull
+from server.queue import Event, Job, JobStatus, Queue, QueueFull, events_cursor
 from server.routes.deps import (
     ApiError,
     Catalog,
     CatalogDep,
+    HubDep,
     OwnerDep,
     QueueDep,
     SettingsDep,
     accepted_values,
     check_owner,
+    clip,
+    queue_full,
     value_error,
 )
 from server.schemas import (
@@ -51,12 +55,14 @@ from server.schemas import (
     RolloutSummary,
 )
 from server.settings import Settings
+from server.streams import EventHub
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 
 MAX_FPS = 120
-STREAM_BLOCK_MS = 1000  # one blocking read; between reads the socket's liveness is checked
+STREAM_POLL_S = 1.0  # a quiet stream wakes this often (to see its client has left)
+STREAM_CHECK_S = 30.0  # and checks this often that its job still exists (jobs expire)
 STREAM_COUNT = 64  # events per read (frames carry their PNGs)
 FILE_FIELDS = ["files", "context", "context_video"]  # multipart file fields
 MAX_PAGE = 100  # GET /v1/rollouts: most jobs per page
@@ -64,8 +70,12 @@ WAIT_POLL_S = 0.05  # ?wait=true: how often the job and the client's connection 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 415, 422, 429, 503)}
 
+# A JSON body needs exactly one context source (server/inputs.py); the schema says so, so that
+# a client generated from it never sends `{}`. Multipart bodies may bring theirs as files.
+_ONE_SOURCE = {"oneOf": [{"required": [name]} for name in ("context", "context_video",
+                                                          "example")]}
 _BODY_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": RolloutParams.model_json_schema()},
+    "application/json": {"schema": {**RolloutParams.model_json_schema(), **_ONE_SOURCE}},
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "params": {"type": "string", "description": "RolloutParams as JSON"},
         "files": {"type": "array", "items": {"type": "string", "format": "binary"},
@@ -241,7 +251,8 @@ def _submit(params: RolloutParams, files: list[Upload], settings: Settings, queu
         ctx = decode_context(
             config, context=params.context, context_video=params.context_video,
             example=params.example, files=files, examples=lambda: catalog.examples(model_id),
-            max_pixels=settings.max_image_pixels)  # fmt: skip
+            max_pixels=settings.max_image_pixels,
+            max_request_pixels=settings.max_request_pixels)  # fmt: skip
         # A random seed when none is given, stored with the job: a re-run after a crash, or a
         # client reading the effective params, reproduces the same frames.
         seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
@@ -280,7 +291,7 @@ def _submit(params: RolloutParams, files: list[Upload], settings: Settings, queu
     try:
         job = queue.submit(stored, req.frames, owner=owner, idempotency_key=idempotency_key)
     except QueueFull as e:
-        raise ApiError(429, None, str(e), headers={"Retry-After": "5"}) from None
+        raise queue_full(queue, e) from None
     return job, _notes(job)
 
 
@@ -393,33 +404,54 @@ async def stream(
     ws: WebSocket,
     rollout_id: str,
     queue: QueueDep,
+    hub: HubDep,
     owner: OwnerDep,
-    after: Annotated[int, Query(ge=-1, description="last frame index already seen")] = -1,
+    # Plain strings, checked after the handshake: a value FastAPI refused would close the
+    # handshake with a bare HTTP 403, where the client must get the error message instead.
+    after: Annotated[str, Query(description="last frame index already seen (>= -1)")] = "-1",
     fmt: Annotated[str, Query(alias="format", description="jpeg or png")] = "jpeg",
 ) -> None:
     """Control messages as JSON; per frame a JSON header {type: frame, index} and then one
-    binary message (the image); {type: done, status, error?} last, then close."""
+    binary message (the image); {type: done, status, error?} last, then close. A refused
+    request gets {type: error, detail: {field, message, accepted?}} and the close code 4404
+    (no such job), 4403 (another key's job) or 1008 (a bad `after` or `format`)."""
     await ws.accept()
     job = await run_in_threadpool(queue.get, rollout_id)
-    if job is not None and owner is not None and job.owner != owner:
-        err = ApiError(403, "id", f"rollout {rollout_id!r} belongs to another API key")
+    refusal = _refusal(job, rollout_id, owner, after, fmt)
+    if refusal is not None:
+        err, code = refusal
         await ws.send_json({"type": "error", **err.body()})
-        await ws.close(code=4403)
+        await ws.close(code=code)
         return
-    if job is None or fmt not in ("jpeg", "png"):
-        err = _not_found(rollout_id) if job is None else ApiError(
-            422, "format", f"{fmt!r} is not supported", ["jpeg", "png"])
-        await ws.send_json({"type": "error", **err.body()})
-        await ws.close(code=4404 if job is None else 1008)
-        return
+    assert job is not None
     gone = asyncio.Event()
     watcher = asyncio.create_task(_watch_disconnect(ws, gone))
     try:
-        await _pump(ws, queue, job, after, fmt, gone)
+        await _pump(ws, queue, hub, job, int(after), fmt, gone)
     except (WebSocketDisconnect, RuntimeError):  # the client left mid-send
         pass
     finally:
         watcher.cancel()
+
+
+def _refusal(job: Job | None, job_id: str, owner: str | None, after: str, fmt: str
+             ) -> tuple[ApiError, int] | None:
+    """Why a stream request is refused, with its close code; None when it is fine."""
+    if job is None:
+        return _not_found(job_id), 4404
+    if owner is not None and job.owner != owner:
+        return ApiError(403, "id", f"rollout {job_id!r} belongs to another API key"), 4403
+    if not _is_index(after):
+        return ApiError(422, "after", f"{clip(after)!r} is not a frame index: an integer "
+                        ">= -1 (the last frame already seen)"), 1008  # fmt: skip
+    if fmt not in ("jpeg", "png"):
+        return ApiError(422, "format", f"{clip(fmt)!r} is not supported", ["jpeg", "png"]), 1008
+    return None
+
+
+def _is_index(text: str) -> bool:
+    digits = text[1:] if text.startswith("-") else text
+    return 0 < len(digits) <= 20 and digits.isascii() and digits.isdigit() and int(text) >= -1
 
 
 async def _watch_disconnect(ws: WebSocket, gone: asyncio.Event) -> None:
@@ -430,41 +462,60 @@ async def _watch_disconnect(ws: WebSocket, gone: asyncio.Event) -> None:
         gone.set()
 
 
-async def _pump(ws: WebSocket, queue: Queue, job: Job, after: int, fmt: str,
+async def _pump(ws: WebSocket, queue: Queue, hub: EventHub, job: Job, after: int, fmt: str,
                 gone: asyncio.Event) -> None:
-    total, position, cursor = job.frames_total, job.queue_position, None
+    total, position = job.frames_total, job.queue_position
+    # `done` follows the last frame: a cursor past the frames would wait for events that
+    # never come (after >= frames_total of a finished job), so start at the last frame.
+    after = min(after, max(job.frames_total, job.frames_done) - 1)
     if job.status is JobStatus.queued:
         await ws.send_json({"type": "queued", "position": position})
-    while not gone.is_set():
-        events = await run_in_threadpool(queue.events, job.id, after, STREAM_BLOCK_MS, cursor,
-                                         STREAM_COUNT)
-        if not events:  # nothing new: tell a queued client where it stands
-            now = await run_in_threadpool(queue.get, job.id)
-            if now is None:
-                await ws.send_json({"type": "error", **_not_found(job.id).body()})
-                break
-            if now.status is JobStatus.queued and now.queue_position != position:
-                position = now.queue_position
-                await ws.send_json({"type": "queued", "position": position})
-            continue
-        for ev in events:
-            cursor = ev.id
-            if ev.type == "started":
-                await ws.send_json({"type": "started", "worker": ev.data.get("worker")})
-            elif ev.type == "frame" and ev.png is not None and ev.index is not None:
-                image = ev.png if fmt == "png" else await run_in_threadpool(_jpeg, ev.png)
-                await ws.send_json({"type": "frame", "index": ev.index})
-                await ws.send_bytes(image)
-                await ws.send_json({"type": "progress", "frames_done": ev.index + 1,
-                                    "frames_total": total})
-            elif ev.type == "done":
-                status = ev.status.value if ev.status else None
-                extra = {k: ev.data.get(k) for k in ("error", "frames_done")}
-                await ws.send_json({"type": "done", "status": status,
-                                    **{k: v for k, v in extra.items() if v is not None}})
-                with contextlib.suppress(RuntimeError):
-                    await ws.close()
-                return
+    loop = asyncio.get_running_loop()
+    check_at = loop.time() + STREAM_CHECK_S
+    with hub.subscribe(job.id, events_cursor(after)) as sub:
+        while not gone.is_set():
+            mark = sub.reports
+            events = await run_in_threadpool(queue.events, job.id, after, 0, sub.cursor,
+                                             STREAM_COUNT)
+            if not events:
+                if await sub.wait(mark, STREAM_POLL_S):
+                    continue
+                # Quiet: tell a queued client where it stands (the hub reads every watched
+                # job's position at once), and now and then check the job has not expired.
+                if sub.positioned and sub.position is not None and sub.position != position:
+                    position = sub.position
+                    await ws.send_json({"type": "queued", "position": position})
+                if loop.time() >= check_at:
+                    check_at = loop.time() + STREAM_CHECK_S
+                    if not (await run_in_threadpool(queue.standing, job.id))[0]:
+                        await ws.send_json({"type": "error", **_not_found(job.id).body()})
+                        break
+                continue
+            for ev in events:
+                sub.cursor = ev.id
+                if await _send_event(ws, ev, fmt, total):
+                    return
+
+
+async def _send_event(ws: WebSocket, ev: Event, fmt: str, total: int) -> bool:
+    """Send one event; True after `done` (the socket is then closed)."""
+    if ev.type == "started":
+        await ws.send_json({"type": "started", "worker": ev.data.get("worker")})
+    elif ev.type == "frame" and ev.png is not None and ev.index is not None:
+        image = ev.png if fmt == "png" else await run_in_threadpool(_jpeg, ev.png)
+        await ws.send_json({"type": "frame", "index": ev.index})
+        await ws.send_bytes(image)
+        await ws.send_json({"type": "progress", "frames_done": ev.index + 1,
+                            "frames_total": total})
+    elif ev.type == "done":
+        status = ev.status.value if ev.status else None
+        extra = {k: ev.data.get(k) for k in ("error", "frames_done")}
+        await ws.send_json({"type": "done", "status": status,
+                            **{k: v for k, v in extra.items() if v is not None}})
+        with contextlib.suppress(RuntimeError):
+            await ws.close()
+        return True
+    return False
 
 
 def _jpeg(png: bytes) -> bytes:

@@ -44,19 +44,27 @@ from model.config import BundleConfig
 from model.request import SAMPLING_FIELDS, prepare
 from server import video
 from server.inputs import decode_context, encode_context
-from server.queue import Job, JobStatus, Queue, QueueFull
+from server.queue import Event, Job, JobStatus, Queue, QueueFull, events_cursor
 from server.routes.deps import (
     ApiError,
     Catalog,
     CatalogDep,
+    HubDep,
     OwnerDep,
     QueueDep,
     SettingsDep,
+    queue_full,
     value_error,
 )
-from server.routes.rollouts import STREAM_BLOCK_MS, STREAM_COUNT, validation_error
+from server.routes.rollouts import (
+    STREAM_CHECK_S,
+    STREAM_COUNT,
+    STREAM_POLL_S,
+    validation_error,
+)
 from server.schemas import SessionStart
 from server.settings import Settings
+from server.streams import EventHub
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -70,9 +78,10 @@ class _Conn:
     """One session's socket: sends are serialised so a frame header and its image stay
     adjacent although two tasks (pump, receiver) write."""
 
-    def __init__(self, ws: WebSocket, queue: Queue, job: Job, config: BundleConfig,
-                 fmt: str) -> None:
-        self.ws, self.queue, self.job, self.config, self.fmt = ws, queue, job, config, fmt
+    def __init__(self, ws: WebSocket, queue: Queue, hub: EventHub, job: Job,
+                 config: BundleConfig, fmt: str) -> None:
+        self.ws, self.queue, self.hub, self.job = ws, queue, hub, job
+        self.config, self.fmt = config, fmt
         self.lock = asyncio.Lock()
         self.actions: list[int] = []  # every action pushed, in order: action i makes frame i
         self.sent = 0  # frames sent
@@ -92,7 +101,7 @@ class _Conn:
 
 
 @router.websocket("")
-async def session(ws: WebSocket, settings: SettingsDep, queue: QueueDep,
+async def session(ws: WebSocket, settings: SettingsDep, queue: QueueDep, hub: HubDep,
                   catalog: CatalogDep, owner: OwnerDep) -> None:
     """Interactive play: `start`, then `action` messages each answered by the next frame."""
     await ws.accept()
@@ -110,7 +119,7 @@ async def session(ws: WebSocket, settings: SettingsDep, queue: QueueDep,
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await ws.close(code=1008)
         return
-    conn = _Conn(ws, queue, job, config, start.format)
+    conn = _Conn(ws, queue, hub, job, config, start.format)
     log.info("session %s opened (%s)", job.id, ready["model"])
     pump = asyncio.create_task(_pump(conn, ready, context_png))
     receiver = asyncio.create_task(_receive(conn, settings))
@@ -154,7 +163,8 @@ def _open(start: SessionStart, settings: Settings, queue: Queue, catalog: Catalo
         ctx = decode_context(
             config, context=start.context, context_video=start.context_video,
             example=start.example, examples=lambda: catalog.examples(model_id),
-            max_pixels=settings.max_image_pixels)  # fmt: skip
+            max_pixels=settings.max_image_pixels,
+            max_request_pixels=settings.max_request_pixels)  # fmt: skip
         sampling = {k: getattr(start, k) for k in SAMPLING_FIELDS}
         if sampling.get("chunk_size") is None:
             sampling["chunk_size"] = 1  # answer every action at once
@@ -178,7 +188,7 @@ def _open(start: SessionStart, settings: Settings, queue: Queue, catalog: Catalo
     try:
         job = queue.submit_session(stored, owner)  # only its key may read its job
     except QueueFull as e:
-        raise ApiError(429, None, str(e), headers={"Retry-After": "5"}) from None
+        raise queue_full(queue, e) from None
     ready = {"type": "ready", "session": job.id, "model": model_id, "fps": config.data.fps,
              "actions": list(config.data.action_names), "context_frames": len(context),
              "resolution": config.network.resolution, "format": start.format,
@@ -189,44 +199,58 @@ def _open(start: SessionStart, settings: Settings, queue: Queue, catalog: Catalo
 async def _pump(conn: _Conn, ready: dict[str, Any], context_png: bytes) -> None:
     """Events from Redis -> the client: queued positions, ready + context, frames, done."""
     queue, job_id = conn.queue, conn.job.id
-    position, cursor = conn.job.queue_position, None
+    position = conn.job.queue_position
     if conn.job.status is JobStatus.queued:
         await conn.send({"type": "queued", "position": position})
+    loop = asyncio.get_running_loop()
+    check_at = loop.time() + STREAM_CHECK_S
+    with conn.hub.subscribe(job_id, events_cursor(-1)) as sub:
+        while True:
+            mark = sub.reports
+            events = await run_in_threadpool(queue.events, job_id, -1, 0, sub.cursor,
+                                             STREAM_COUNT)
+            if not events:
+                if await sub.wait(mark, STREAM_POLL_S):
+                    continue
+                if sub.positioned and sub.position is not None and sub.position != position:
+                    position = sub.position
+                    await conn.send({"type": "queued", "position": position})
+                if loop.time() >= check_at:
+                    check_at = loop.time() + STREAM_CHECK_S
+                    if not (await run_in_threadpool(queue.standing, job_id))[0]:
+                        await conn.error(ApiError(404, "session", "the session has expired"))
+                        return
+                continue
+            for ev in events:
+                sub.cursor = ev.id
+                if await _send_event(conn, ev, ready, context_png):
+                    return
+
+
+async def _send_event(conn: _Conn, ev: Event, ready: dict[str, Any], context_png: bytes
+                      ) -> bool:
+    """Send one event of the session's job; True after `done`."""
     names = conn.config.data.action_names
-    while True:
-        events = await run_in_threadpool(queue.events, job_id, -1, STREAM_BLOCK_MS, cursor,
-                                         STREAM_COUNT)
-        if not events:
-            now = await run_in_threadpool(queue.get, job_id)
-            if now is None:
-                await conn.error(ApiError(404, "session", "the session has expired"))
-                return
-            if now.status is JobStatus.queued and now.queue_position != position:
-                position = now.queue_position
-                await conn.send({"type": "queued", "position": position})
-            continue
-        for ev in events:
-            cursor = ev.id
-            if ev.type == "started":
-                await conn.send({**ready, "worker": ev.data.get("worker")})
-                image = await run_in_threadpool(conn.image, context_png)
-                await conn.send({"type": "context", "index": -1}, image)
-            elif ev.type == "frame" and ev.png is not None and ev.index is not None:
-                image = await run_in_threadpool(conn.image, ev.png)
-                action = conn.actions[ev.index] if ev.index < len(conn.actions) else None
-                name = names[action] if action is not None and action < len(names) else action
-                await conn.send({"type": "frame", "index": ev.index, "action": name}, image)
-                conn.sent = ev.index + 1
-            elif ev.type == "done":
-                doc: dict[str, Any] = {"type": "done",
-                                       "status": ev.status.value if ev.status else None,
-                                       "frames_done": ev.data.get("frames_done", conn.sent)}
-                if ev.data.get("error"):
-                    doc["error"] = ev.data["error"]
-                if conn.reason:
-                    doc["reason"] = conn.reason
-                await conn.send(doc)
-                return
+    if ev.type == "started":
+        await conn.send({**ready, "worker": ev.data.get("worker")})
+        image = await run_in_threadpool(conn.image, context_png)
+        await conn.send({"type": "context", "index": -1}, image)
+    elif ev.type == "frame" and ev.png is not None and ev.index is not None:
+        image = await run_in_threadpool(conn.image, ev.png)
+        action = conn.actions[ev.index] if ev.index < len(conn.actions) else None
+        name = names[action] if action is not None and action < len(names) else action
+        await conn.send({"type": "frame", "index": ev.index, "action": name}, image)
+        conn.sent = ev.index + 1
+    elif ev.type == "done":
+        doc: dict[str, Any] = {"type": "done", "status": ev.status.value if ev.status else None,
+                               "frames_done": ev.data.get("frames_done", conn.sent)}
+        if ev.data.get("error"):
+            doc["error"] = ev.data["error"]
+        if conn.reason:
+            doc["reason"] = conn.reason
+        await conn.send(doc)
+        return True
+    return False
 
 
 async def _receive(conn: _Conn, settings: Settings) -> bool:
@@ -244,11 +268,8 @@ async def _receive(conn: _Conn, settings: Settings) -> bool:
         if msg["type"] == "websocket.disconnect":
             conn.reason = "disconnected"
             return True
-        try:
-            doc = json.loads(msg.get("text") or "")
-            kind = doc.get("type") if isinstance(doc, dict) else None
-        except json.JSONDecodeError:
-            kind, doc = None, {}
+        doc = _json_message(msg.get("text") or "")
+        kind = doc.get("type") if isinstance(doc, dict) else None
         if kind == "stop":
             conn.reason = "stopped by the client"
             return False
@@ -273,6 +294,16 @@ async def _receive(conn: _Conn, settings: Settings) -> bool:
         await run_in_threadpool(conn.queue.push_actions, conn.job.id, actions)
 
 
+def _json_message(text: str) -> Any:
+    """A client message, or None when it is no JSON this server reads: besides malformed
+    JSON, numbers of more than 4,300 digits (ValueError, Python's int limit) and nesting
+    deeper than the parser's recursion limit (RecursionError) are refused, not fatal."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        return None
+
+
 def _actions(doc: dict[str, Any], config: BundleConfig) -> list[int]:
     if "actions" in doc:
         given, name = doc["actions"], "actions"
@@ -283,6 +314,10 @@ def _actions(doc: dict[str, Any], config: BundleConfig) -> list[int]:
     else:
         raise ApiError(422, "action", "an action message needs `action` or `actions`",
                        list(config.data.action_names))
+    for a in given:  # before action_index, whose message would repr a 100k-deep list
+        if isinstance(a, bool) or not isinstance(a, (int, str)):
+            raise ApiError(422, name, f"a {type(a).__name__} is not an action name or index",
+                           list(config.data.action_names))
     try:
         return [action_index(config, a) for a in given]
     except ValueError as e:
