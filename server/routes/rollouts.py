@@ -477,11 +477,10 @@ async def _pump(ws: WebSocket, queue: Queue, hub: EventHub, job: Job, after: int
             mark = sub.reports
             events = await run_in_threadpool(queue.events, job.id, after, 0, sub.cursor,
                                              STREAM_COUNT)
-            if not events:
-                if await sub.wait(mark, STREAM_POLL_S):
-                    continue
-                # Quiet: tell a queued client where it stands (the hub reads every watched
-                # job's position at once), and now and then check the job has not expired.
+            # Nothing new: wait for the hub's news without reading again. Meanwhile tell a
+            # queued client where it stands (the hub reads every watched job's position at
+            # once), and now and then check that the job has not expired.
+            while not events and not gone.is_set() and not await sub.wait(mark, STREAM_POLL_S):
                 if sub.positioned and sub.position is not None and sub.position != position:
                     position = sub.position
                     await ws.send_json({"type": "queued", "position": position})
@@ -489,8 +488,7 @@ async def _pump(ws: WebSocket, queue: Queue, hub: EventHub, job: Job, after: int
                     check_at = loop.time() + STREAM_CHECK_S
                     if not (await run_in_threadpool(queue.standing, job.id))[0]:
                         await ws.send_json({"type": "error", **_not_found(job.id).body()})
-                        break
-                continue
+                        return
             for ev in events:
                 sub.cursor = ev.id
                 if await _send_event(ws, ev, fmt, total):

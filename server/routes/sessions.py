@@ -209,9 +209,7 @@ async def _pump(conn: _Conn, ready: dict[str, Any], context_png: bytes) -> None:
             mark = sub.reports
             events = await run_in_threadpool(queue.events, job_id, -1, 0, sub.cursor,
                                              STREAM_COUNT)
-            if not events:
-                if await sub.wait(mark, STREAM_POLL_S):
-                    continue
+            while not events and not await sub.wait(mark, STREAM_POLL_S):  # as rollouts'
                 if sub.positioned and sub.position is not None and sub.position != position:
                     position = sub.position
                     await conn.send({"type": "queued", "position": position})
@@ -220,7 +218,6 @@ async def _pump(conn: _Conn, ready: dict[str, Any], context_png: bytes) -> None:
                     if not (await run_in_threadpool(queue.standing, job_id))[0]:
                         await conn.error(ApiError(404, "session", "the session has expired"))
                         return
-                continue
             for ev in events:
                 sub.cursor = ev.id
                 if await _send_event(conn, ev, ready, context_png):
