@@ -75,11 +75,16 @@ def test_a_step_that_fails_after_the_forward_changes_no_rollout(tiny_bundle, mon
 
 
 def test_a_failed_step_restores_the_state_exactly(tiny_bundle, monkeypatch):
-    """The same, field by field, with the failure in the forward's conversion to x0."""
+    """The same, field by field, with the failure in the forward's conversion to x0, in the
+    step that starts the second chunk (so the set-up before the forward, which draws the new
+    chunk's noise and moves the history, has to be undone too)."""
     engine = RolloutEngine(tiny_bundle)
     state = engine.start(make_request(tiny_bundle, 4, 3, sampler="ddpm", chunk_size=2))
-    for _ in range(3):
+    engine.step([state])
+    assert state.matrix is not None
+    while state.row < state.matrix.shape[0] - 1:  # to the end of the first chunk
         engine.step([state])
+    assert not state.done and state.chunk_start == state.n_context
     before = _snapshot(state)
 
     def fail(*args, **kwargs):
