@@ -542,7 +542,12 @@ def _bar(enabled: bool) -> Progress:
 
 
 def _check_dataset_actions(config: BundleConfig, meta: dict[str, Any]) -> None:
-    """The dataset's action names must be the bundle's: refuse a mismatch loudly."""
+    """The dataset's action names and frame size must be the bundle's: refuse a mismatch."""
+    size = meta.get("resolution", [config.network.resolution])[0]
+    if size != config.network.resolution:
+        raise ValueError(f"data: {size}-px frames, {config.name} takes "
+                         f"{config.network.resolution}-px ones (`dfserve dataset crafter "
+                         f"--size {config.network.resolution}`)")  # fmt: skip
     names = tuple(meta.get("action_names", ()))
     if names and names != config.data.action_names:
         raise ValueError(f"data: action names {names} differ from the config's "

@@ -255,3 +255,59 @@ def test_training_writes_a_bundle_that_loads_and_rolls_out(data_dirs, tmp_path, 
     request = RolloutRequest(context[-3:], ex.actions[:5], bundle.config.sampling, seed=0)
     frames = [f for _, f in RolloutEngine(bundle).rollout(request)]
     assert len(frames) == 5 and all(torch.isfinite(f).all() for f in frames)
+
+
+def test_training_refuses_data_of_another_frame_size(data_dirs, tmp_path):
+    train_dir, _ = data_dirs
+    meta = json.loads((train_dir / "meta.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "shard_00000.npz").write_bytes((train_dir / "shard_00000.npz").read_bytes())
+    write_meta(other, {**{k: v for k, v in meta.items() if k not in ("format", "version")},
+                       "resolution": [32, 32]})  # fmt: skip
+    with pytest.raises(ValueError, match="32-px frames"):
+        run_training(TINY, train_preset("tiny"), other, tmp_path / "b", tmp_path / "run",
+                     steps=1, progress_bar=False)  # fmt: skip
+
+
+def test_warm_start_takes_a_bundles_weights_and_refuses_another_network(
+    tiny_bundle_dir, tmp_path
+):
+    trainer = Trainer(TINY, train_preset("tiny"))
+    trainer.warm_start(tiny_bundle_dir)
+    shipped = load_bundle(tiny_bundle_dir).network.state_dict()
+    for k, v in trainer.net.state_dict().items():
+        assert torch.equal(v, shipped[k]) and torch.equal(trainer.ema.state_dict()[k], v)
+    wider = dataclasses.replace(TINY, network=dataclasses.replace(TINY.network, width=64))
+    with pytest.raises(ValueError, match="same architecture"):
+        Trainer(wider, train_preset("tiny")).warm_start(tiny_bundle_dir)
+
+
+def test_action_gain_is_zero_for_an_action_blind_network_and_grows_with_the_prior():
+    """The diagnostic probe: the last frame is the previous one moved by its move; with every
+    action embedded alike and no prior, reversing the move changes nothing (gain 0); a prior
+    that picks the matching shift makes the true move the cheaper one (gain > 0)."""
+    from model.network import COPY_SHIFTS, shift_frames
+    from model.train import ActionProbe, action_gain
+
+    names = ("noop", "move_left", "move_right", "move_up")
+    config = dataclasses.replace(TINY, data=dataclasses.replace(TINY.data, action_names=names),
+                                 diffusion=dataclasses.replace(TINY.diffusion, objective="x0"))
+    torch.manual_seed(0)
+    trainer = Trainer(config, train_preset("tiny"))
+    net = trainer.net.eval()
+    g = torch.Generator().manual_seed(1)
+    world = torch.rand(6, 3, 16, 48, generator=g) * 2 - 1
+    # the view walks left one 4-px patch a frame, so its content moves right (move_left)
+    x0 = torch.stack([world[..., 32 - 4 * t : 48 - 4 * t] for t in range(8)], 1)  # (B, A, ...)
+    torch.testing.assert_close(shift_frames(x0[:, 6], 0, 4)[..., 4:], x0[:, 7, ..., 4:])
+    true = torch.full((6, 8), 1)
+    probe = ActionProbe(x0, true, torch.where(torch.arange(8) == 7, 2, true))
+    with torch.no_grad():
+        blind = net.action_embed.weight[:1].expand_as(net.action_embed.weight).clone()
+        net.action_embed.weight.copy_(blind)
+        net.copy_prior.weight.zero_()
+        assert action_gain(net, trainer.ns, probe) == pytest.approx(0.0, abs=1e-6)
+        net.copy_prior.weight[1, COPY_SHIFTS.index((0, 1))] = 10.0
+        net.copy_prior.weight[2, COPY_SHIFTS.index((0, -1))] = 10.0
+        assert action_gain(net, trainer.ns, probe) > 0.1
