@@ -13,10 +13,13 @@ PYTEST_ARGS ?=
 # make train: a dataset from the real Crafter environment, then a bundle (DEVELOPERS.md has
 # the exact recipe of the shipped model)
 CONFIG   ?= crafter-cpu
+SIZE     ?= 64# frame size of CONFIG: crafter-cpu 64, crafter-tiles 72
 EPISODES ?= 400
-DATA     ?= data/crafter-train$(EPISODES)
+DATA     ?= data/crafter$(SIZE)-train$(EPISODES)
+HELDOUT  ?= data/crafter$(SIZE)-heldout
 BUNDLE   ?= runs/$(CONFIG)-bundle
 MINUTES  ?= 60
+INIT     ?=# a bundle to warm-start from, e.g. model/bundles/crafter-cpu
 
 .PHONY: serve test train bench lint install clean
 
@@ -44,12 +47,16 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 serve: $(SERVE_STAMP)
 	$(VENV)/bin/dfserve serve --host $(HOST) --port $(PORT)
 
-train: $(TRAIN_STAMP) $(DATA)/meta.json
-	$(VENV)/bin/dfserve train --config $(CONFIG) --data $(DATA) --out $(BUNDLE) \
-	    --minutes $(MINUTES)
+train: $(TRAIN_STAMP) $(DATA)/meta.json $(HELDOUT)/meta.json
+	$(VENV)/bin/dfserve train --config $(CONFIG) --data $(DATA) --heldout $(HELDOUT) \
+	    --out $(BUNDLE) --minutes $(MINUTES) --threads 2 $(if $(INIT),--init $(INIT))
 
 $(DATA)/meta.json: | $(TRAIN_STAMP)
-	$(VENV)/bin/dfserve dataset crafter --episodes $(EPISODES) --out $(DATA)
+	$(VENV)/bin/dfserve dataset crafter --size $(SIZE) --episodes $(EPISODES) --out $(DATA)
+
+$(HELDOUT)/meta.json: | $(TRAIN_STAMP)
+	$(VENV)/bin/dfserve dataset crafter --size $(SIZE) --episodes 16 --seed-start 1000000 \
+	    --out $(HELDOUT)
 
 test: $(STAMP)
 	@# the web tests drive Debian's Chromium (Playwright cannot download browsers here)
