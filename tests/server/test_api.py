@@ -454,7 +454,7 @@ BAD_INPUTS: list[tuple[dict[str, Any], str | None, Any]] = [
     ({"eta": 3.0}, "eta", None),
     ({"seed": -1}, "seed", None),
     ({"fps": 0}, "fps", None),
-    ({"context_noise_mode": "x"}, "context_noise_mode", ["relabel", "noised"]),
+    ({"context_noise_mode": "x"}, "context_noise_mode", ["relabel", "noised", "scaled"]),
 ]
 
 
