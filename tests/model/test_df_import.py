@@ -163,3 +163,32 @@ def test_whole_rollout_matches_the_reference(imported: Path,
     expected = ref["xs_pred"][2:]  # the reference's frames, unnormalised
     assert expected.std() > 0.1
     assert (ours - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(("preset", "resolution", "window", "beta"),
+                         [("dmlab", 64, 16, "cosine"), ("minecraft", 128, 10, "sigmoid")])
+def test_presets_are_the_reference_configs(preset: str, resolution: int, window: int,
+                                           beta: str) -> None:  # fmt: skip
+    from model.importers.df_config import bundle_config, load_df_config
+    from model.unet3d import UNet3D
+
+    config = bundle_config(load_df_config(preset), preset)
+    assert (config.network.resolution, config.network.max_frames) == (resolution, window)
+    assert config.diffusion.beta_schedule == beta and config.diffusion.objective == "v"
+    assert config.diffusion.clip_noise == 6.0 and config.sampling.steps == 100
+    assert (config.sampling.sampler, config.sampling.eta) == ("ddim", 0.0)
+    assert (config.sampling.schedule, config.sampling.chunk_size) == ("autoregressive", 1)
+    assert config.sampling.context_noise == 14  # stabilization_level 15, minus one
+    assert config.unet is not None
+    net = UNet3D(config.network, config.unet)  # every level has attention at these sizes
+    assert all(level.temporal is not None for level in [*net.down, *net.up])
+
+
+def test_frame_stack_is_refused_clearly(tmp_path: Path) -> None:
+    import yaml
+
+    doc = yaml.safe_load(CONFIG.read_text())
+    doc["algorithm"]["frame_stack"] = 2
+    (tmp_path / "fs.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="frame_stack 2 is not supported"):
+        import_checkpoint(CKPT, tmp_path / "b", str(tmp_path / "fs.yaml"))
