@@ -72,7 +72,9 @@ def unconditional(config: BundleConfig) -> bool:
 def action_index(config: BundleConfig, action: str | int) -> int:
     """Action name or index -> index; ValueError naming the accepted names."""
     names, n = config.data.action_names, config.network.n_actions
-    if unconditional(config) and action != config.network.n_actions:  # the null id passes:
+    if unconditional(config):
+        if action == n and not isinstance(action, bool):  # the null id the API stores
+            return n
         raise ValueError(f"actions: {config.name} is unconditional and takes no actions; "
                          "give `frames` only")  # fmt: skip
     if isinstance(action, bool) or not isinstance(action, (int, str)):
