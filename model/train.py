@@ -388,6 +388,18 @@ class Trainer:
         self.net.load_state_dict(bundle.network.state_dict())
         self.ema.load_state_dict(bundle.network.state_dict())
 
+    @torch.no_grad()
+    def count_copy_prior(self) -> None:
+        """A fresh run's copy prior starts from the training data's counts (model.copy_prior)."""
+        from model.copy_prior import count_copy_prior
+
+        cfg = self.config.network
+        prior = count_copy_prior(self.episodes, cfg.n_actions, cfg.patch_size, seed=self.train.seed)
+        for net in (self.net, self.ema):
+            assert net.copy_prior is not None
+            net.copy_prior.weight.copy_(prior.to(self.device))
+        log.info("copy prior counted from the data: %s", prior.exp().numpy().round(2).tolist())
+
     def load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=True)
         saved = BundleConfig.from_dict(json.loads(state["bundle_config"]))
@@ -475,6 +487,8 @@ def run_training(
     elif init is not None:
         trainer.warm_start(init)
         log.info("warm start from the bundle %s", init)
+    elif config.network.copy_action_prior:
+        trainer.count_copy_prior()
     probe = action_probe(config, load_episodes(heldout)) if heldout is not None else None
     (run_dir / "train_config.json").write_text(json.dumps(asdict(train), indent=2) + "\n")
     budget_s = minutes * 60 if minutes is not None else math.inf
