@@ -53,9 +53,10 @@ class NetworkConfig:
     copy_shifts: bool = False
     # With copy_shifts: a learned bias per action on the copy choice, added at every pixel of
     # the action's frame. The action then picks the shift in one linear step (move_left ->
-    # the copy moved right), learnt from every pixel of every moving frame, while the
-    # network's own logits handle what the action alone cannot know (a blocked step, tiles
-    # entering at the edge, the player's sprite).
+    # the copy moved right), while the network's own logits handle what the action alone
+    # cannot know (a blocked step, tiles entering at the edge, the player's sprite). A fresh
+    # run starts it at the training data's counts (model.copy_prior): learnt from zero it
+    # barely moved in hundreds of steps.
     copy_action_prior: bool = False
 
     @property

@@ -398,7 +398,9 @@ class Trainer:
         for net in (self.net, self.ema):
             assert net.copy_prior is not None
             net.copy_prior.weight.copy_(prior.to(self.device))
-        log.info("copy prior counted from the data: %s", prior.exp().numpy().round(2).tolist())
+        moves = {a: prior[i].exp().numpy().round(2).tolist()
+                 for i, a in enumerate(self.config.data.action_names) if a.startswith("move_")}
+        log.info("copy prior counted from the data, p(choice | move): %s", moves)
 
     def load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=True)
