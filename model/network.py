@@ -227,14 +227,14 @@ class CausalVideoDiT(nn.Module):
         if frame_valid is None:
             frame_valid = torch.ones(B, A, dtype=torch.bool, device=x.device)
         patches = self.patchify(x)  # (B, A, N, P*P*C)
-        previous = None
+        copies: list[Tensor] = []  # the previous frame's input, as it was [and moved]
         if self.cfg.frame_skip:
             first = torch.zeros_like(x[:, 0]) if before is None else before
             previous = torch.cat([first[:, None], x[:, :-1]], dim=1)  # (B, A, C, R, R)
             offsets = COPY_SHIFTS if self.cfg.copy_shifts else ((0, 0),)
             P = self.cfg.patch_size
-            patches = torch.cat([patches] + [self.patchify(shift_frames(previous, dy * P, dx * P))
-                                             for dy, dx in offsets], dim=-1)  # fmt: skip
+            copies = [shift_frames(previous, dy * P, dx * P) for dy, dx in offsets]
+            patches = torch.cat([patches] + [self.patchify(c) for c in copies], dim=-1)
         h = self.patch_embed(patches) + self.spatial_pos  # (B, A, N, D)
         embedding = level_embedding(levels, self.cfg.width, self.timesteps).to(h.dtype)
         cond = self.level_mlp(embedding)
@@ -251,30 +251,31 @@ class CausalVideoDiT(nn.Module):
             new_values.append(v)
         shift, scale = self.final_ada(cond)[:, :, None, :].chunk(2, dim=-1)
         out = self.final(modulate(self.final_norm(h), shift, scale))  # (B, A, N, P*P*C[+P*P])
-        if previous is not None and self.cfg.copy_gate:
-            return self.gated_copy(out, previous, actions), new_keys, new_values
+        if copies and self.cfg.copy_gate:
+            return self.gated_copy(out, copies, actions), new_keys, new_values
         return self.unpatchify(out), new_keys, new_values
 
-    def gated_copy(self, out: Tensor, previous: Tensor, actions: Tensor) -> Tensor:
+    def gated_copy(self, out: Tensor, copies: list[Tensor], actions: Tensor) -> Tensor:
         """residual + sigmoid(gate) * previous, per pixel (the gate is shared by channels);
-        with copy_shifts, residual + sum_k softmax(gates)_k * shift_k(previous), where the
-        softmax also has a "none" choice so a pixel can take the residual alone, and with
-        copy_action_prior each frame's action adds its learned bias to every pixel's gates."""
+        with copy_shifts, residual + sum_k softmax(gates)_k * copies[k] (the previous frame
+        moved by COPY_SHIFTS[k]), where the softmax also has a "none" choice so a pixel can
+        take the residual alone, and with copy_action_prior each frame's action adds its
+        learned bias to every pixel's gates."""
         P, C = self.cfg.patch_size, self.cfg.channels
         K = self.copy_choices
         residual, gate_logits = out.split([P * P * C, P * P * K], dim=-1)
         B, A, N, _ = gate_logits.shape
         gates = gate_logits.view(B, A, N, P * P, K, 1).expand(B, A, N, P * P, K, C)
         gates = gates.permute(0, 4, 1, 2, 3, 5).reshape(B * K, A, N, P * P * C)
-        gates = self.unpatchify(gates).view(B, K, A, C, *previous.shape[-2:])  # per pixel
+        gates = self.unpatchify(gates).view(B, K, A, C, *copies[0].shape[-2:])  # per pixel
         residual = self.unpatchify(residual)
         if not self.cfg.copy_shifts:
-            return residual + torch.sigmoid(gates[:, 0]) * previous
+            return residual + torch.sigmoid(gates[:, 0]) * copies[0]
         if self.copy_prior is not None:
             gates = gates + self.copy_prior(actions).permute(0, 2, 1)[..., None, None, None]
         weights = torch.softmax(gates, dim=1)  # (B, K, A, C, R, R); the last choice is "none"
-        for k, (dy, dx) in enumerate(COPY_SHIFTS):
-            residual = residual + weights[:, k] * shift_frames(previous, dy * P, dx * P)
+        for k, copy in enumerate(copies):
+            residual = residual + weights[:, k] * copy
         return residual
 
     def attention_mask(self, frame_valid: Tensor, cache: BatchKV | None) -> Tensor:
