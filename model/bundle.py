@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import SAMPLERS, SCHEDULES, BundleConfig
 from model.diffusion import NoiseSchedule
+from model.frame_stack import frame_stack, image_channels
 from model.network import CausalVideoDiT
 from model.unet3d import UNet3D
 
@@ -98,14 +99,15 @@ def load_examples(config: BundleConfig, path: Path | None) -> dict[str, Example]
 def describe(config: BundleConfig, path: Path | None) -> dict[str, Any]:
     """The document of GET /v1/models/{id} and `dfserve models --json` (no weights needed)."""
     c = config
+    k = frame_stack(c)  # users see single frames; the window and chunks count stacked ones
     doc = {
         "id": c.name,
         "resolution": c.network.resolution,
-        "channels": c.network.channels,
+        "channels": image_channels(c),
         "fps": c.data.fps,
-        "n_frames": c.data.n_frames,
+        "n_frames": c.network.max_frames * k,
         "context_length": c.data.context_length,
-        "max_context_frames": c.data.n_frames - c.sampling.chunk_size,
+        "max_context_frames": (c.network.max_frames - c.sampling.chunk_size) * k,
         "max_rollout_frames": c.max_rollout_frames,
         "actions": list(c.data.action_names),
         "schedules": list(SCHEDULES),

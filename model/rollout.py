@@ -30,6 +30,7 @@ from torch import Tensor
 
 from model.bundle import Bundle
 from model.config import SamplingConfig
+from model.frame_stack import check_context_frames, frame_stack, stack, stacked_count, unstack
 from model.network import BatchKV
 from model.samplers import SamplerState, draw_noise, sampler_step
 from model.scheduling import scheduling_matrix
@@ -65,7 +66,10 @@ class KVCache:
 
 @dataclass
 class RolloutState:
-    """Everything one rollout carries between rows; the engine itself is stateless."""
+    """Everything one rollout carries between rows; the engine itself is stateless.
+
+    Frames here are the network's: with frame_stack k (model/frame_stack.py) each holds k
+    single frames, and only `emitted` and the request count single frames."""
 
     request: RolloutRequest
     generator: torch.Generator
@@ -82,9 +86,10 @@ class RolloutState:
     matrix: np.ndarray | None = None
     row: int = 0
     sampler_state: SamplerState = field(default_factory=SamplerState)
-    emitted: int = 0  # generated frames handed out so far
+    emitted: int = 0  # generated single frames handed out so far
     rows_done: int = 0
     dropped: int = 0  # finished frames forgotten: out of the window and handed out
+    stack: int = 1  # single frames per network frame (frame_stack)
 
     @property
     def finished(self) -> int:
@@ -93,7 +98,12 @@ class RolloutState:
 
     @property
     def total_frames(self) -> int:
-        return self.n_context + self.request.frames
+        return self.n_context + stacked_count(self.request.frames, self.stack)
+
+    @property
+    def next_to_emit(self) -> int:
+        """Global index of the network frame that holds the next single frame to hand out."""
+        return self.n_context + self.emitted // self.stack
 
     @property
     def done(self) -> bool:
@@ -159,6 +169,8 @@ class RolloutEngine:
         self.causal: bool = getattr(self.net, "causal", True)
         self.use_cache = use_cache and self.causal
         self.window = self.cfg.network.max_frames
+        # frame_stack: the loop runs on stacked frames; requests and outputs are single frames
+        self.stack = frame_stack(self.cfg)
 
     # --- public API ------------------------------------------------------------------------
 
@@ -183,8 +195,8 @@ class RolloutEngine:
         self.validate(request)
         s = request.sampling
         gen = torch.Generator(device="cpu").manual_seed(request.seed)
-        context = request.context.to(self.device, self.dtype)
-        ctx_actions = request.context_actions or (self.net.null_action,) * len(context)
+        ctx_actions = request.context_actions or (self.net.null_action,) * len(request.context)
+        context = stack(request.context.to(self.device, self.dtype), self.stack)
         inputs = [self._context_input(frame, s, gen) for frame in context]
         cache = None
         if self.use_cache:
@@ -200,19 +212,22 @@ class RolloutEngine:
             frame_actions=list(ctx_actions) + list(request.actions),
             n_context=len(context),
             cache=cache,
+            stack=self.stack,
         )
 
     def validate(self, request: RolloutRequest) -> None:
-        net, s = self.cfg.network, request.sampling
+        net, s, k = self.cfg.network, request.sampling, self.stack
         s.validate(self.window, self.cfg.diffusion.timesteps)
-        shape = (net.channels, net.resolution, net.resolution)
+        shape = (net.channels // k, net.resolution, net.resolution)
         if request.context.dim() != 4 or tuple(request.context.shape[1:]) != shape:
             raise ValueError(f"context: frames must be {shape}, got {tuple(request.context.shape)}")
-        if not 1 <= len(request.context) <= self.window - s.chunk_size:
-            raise ValueError(
-                f"context: {len(request.context)} frames; between 1 and "
-                f"n_frames - chunk_size = {self.window - s.chunk_size} are accepted"
-            )
+        check_context_frames(len(request.context), k)
+        if not 1 <= len(request.context) // k <= self.window - s.chunk_size:
+            most = f"n_frames - chunk_size = {self.window - s.chunk_size}"
+            if k > 1:  # the window and chunks count stacked frames
+                most = f"(n_frames - chunk_size) x frame_stack = {(self.window - s.chunk_size) * k}"
+            raise ValueError(f"context: {len(request.context)} frames; between {k} and {most} "
+                             "are accepted")  # fmt: skip
         if request.frames < 1:
             raise ValueError("frames: must be >= 1")
         all_actions = list(request.actions) + list(request.context_actions or ())
@@ -266,10 +281,15 @@ class RolloutEngine:
 
     def _step(self, states: list[RolloutState], live: list[RolloutState]
               ) -> list[list[tuple[int, Tensor]]]:
+        out: dict[int, list[tuple[int, Tensor]]] = {id(st): [] for st in states}
         for st in live:
             if st.matrix is None or st.row >= st.matrix.shape[0] - 1:
-                self._start_chunk(st)
-        specs = [self._plan(st) for st in live]
+                # An extended rollout may already hold its next frames: the unseen rest of a
+                # stacked frame (frame_stack > 1). They need no forward, and maybe no chunk.
+                out[id(st)] = self._emit(st)
+                if not st.done:
+                    self._start_chunk(st)
+        specs = [self._plan(st) for st in live if not st.done]
         commits: list[_Commit] = []
         x0s = self._run_forwards(specs, commits)
         guided = [sp for sp in specs if sp.state.request.sampling.guidance != 1.0 and len(sp.x)]
@@ -281,9 +301,8 @@ class RolloutEngine:
         # Every x0 is known: only now do caches and samplers move.
         for sp, keys, values in commits:
             self._commit(sp, keys, values)
-        out: dict[int, list[tuple[int, Tensor]]] = {id(st): [] for st in states}
         for sp in specs:
-            out[id(sp.state)] = self._advance(sp, x0s[id(sp)])
+            out[id(sp.state)] += self._advance(sp, x0s[id(sp)])
         return [out[id(st)] for st in states]
 
     # --- chunks and rows -------------------------------------------------------------------
@@ -314,7 +333,7 @@ class RolloutEngine:
     def _forget_old_frames(self, st: RolloutState, h: int) -> None:
         """Keep memory flat on 1,000-frame rollouts and endless sessions: frames before the
         history window that were already handed out are never read again."""
-        keep_from = min(self._history_start(st, h), st.n_context + st.emitted)
+        keep_from = min(self._history_start(st, h), st.next_to_emit)
         drop = keep_from - st.dropped
         if drop > 0:
             del st.inputs[:drop], st.clean[:drop]
@@ -366,10 +385,17 @@ class RolloutEngine:
             first=first,
             x=torch.stack(xs),
             levels=torch.tensor(levels, device=self.device),
-            actions=torch.tensor(st.frame_actions[first : last + 1], device=self.device),
+            actions=self._actions(st, first, last),
             use_cache=st.cache is not None,
             before=self._input(st, first - 1) if first > self._history_start(st) else None,
         )
+
+    def _actions(self, st: RolloutState, first: int, last: int) -> Tensor:
+        """The conditioning action of network frames first..last. Stacked frames take the null
+        action: frame_stack belongs to the research U-Net, which has no action input."""
+        if self.stack > 1:
+            return torch.full((last + 1 - first,), self.net.null_action, device=self.device)
+        return torch.tensor(st.frame_actions[first : last + 1], device=self.device)
 
     def _idle(self, st: RolloutState) -> _Forward:
         """The empty forward of a row in which no frame of the chunk moves."""
@@ -412,9 +438,10 @@ class RolloutEngine:
         return self._emit(st)
 
     def _emit(self, st: RolloutState) -> list[tuple[int, Tensor]]:
+        """The next single frames, in order, as far as their network frames are clean."""
         out = []
         while not st.done:
-            g = st.n_context + st.emitted
+            g = st.next_to_emit
             t = g - st.chunk_start
             if t < 0:
                 frame: Tensor | None = st.clean[g - st.dropped]
@@ -422,6 +449,8 @@ class RolloutEngine:
                 frame = st.chunk_clean[t] if t < len(st.chunk_clean) else None
             if frame is None:
                 break
+            if self.stack > 1:  # the single frame's channels within its stacked frame
+                frame = unstack(frame[None], self.stack)[st.emitted % self.stack]
             out.append((st.emitted, frame))
             st.emitted += 1
         return out

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from model.bundle import Bundle
+from model.frame_stack import frame_stack, image_channels, stack, stacked_count, unstack
 from model.rollout import RolloutEngine, RolloutRequest
 from model.samplers import SamplerState, draw_noise, sampler_step
 from model.scheduling import scheduling_matrix
@@ -32,22 +33,23 @@ def requests(bundle: Bundle, n: int, frames: int) -> list[RolloutRequest]:
     g = torch.Generator().manual_seed(0)
     r, k = c.network.resolution, c.data.context_length
     s = replace(c.sampling, steps=STEPS)
-    return [RolloutRequest(torch.rand(k, c.network.channels, r, r, generator=g) * 2 - 1,
+    return [RolloutRequest(torch.rand(k, image_channels(c), r, r, generator=g) * 2 - 1,
                            (c.network.n_actions,) * frames, s, seed=i)
             for i in range(n)]  # fmt: skip
 
 
 @torch.no_grad()
 def research_loop(bundle: Bundle, request: RolloutRequest, device: torch.device) -> Tensor:
-    """One video through the reference's validation loop; the generated frames (F, C, R, R)."""
-    net, cfg, s = bundle.network, bundle.config, request.sampling
+    """One video through the reference's validation loop; the generated frames (F, C, R, R).
+    With frame_stack k it runs on stacked frames and unstacks at the end, as the reference."""
+    net, cfg, s, k = bundle.network, bundle.config, request.sampling, frame_stack(bundle.config)
     schedule, window = bundle.schedule, cfg.network.max_frames
     gen = torch.Generator().manual_seed(request.seed)  # the engine's noise, drawn in its order
     levels_of = schedule.sampling_levels(s.steps).to(device)
-    context = request.context.to(device)
+    context = stack(request.context.to(device), k)
     xs = list(context)
     ctx_level = torch.tensor([s.context_noise], device=device)
-    total, curr = len(context) + request.frames, len(context)
+    total, curr = len(context) + stacked_count(request.frames, k), len(context)
     while curr < total:
         h = min(s.chunk_size, total - curr)
         xs += list(draw_noise(torch.Size((h, *context.shape[1:])), gen,
@@ -68,11 +70,12 @@ def research_loop(bundle: Bundle, request: RolloutRequest, device: torch.device)
             x, _ = sampler_step(s.sampler, schedule, x, x0, frm, to, SamplerState(), s.eta, gen)
             xs[start:] = list(x)
         curr += h
-    return torch.stack(xs[len(context) :])
+    return unstack(torch.stack(xs[len(context) :]), k)[: request.frames]
 
 
 def unet_figures(bundle: Bundle, device: torch.device, quick: bool) -> dict[str, Any]:
-    frames, batch = (2, 2) if quick else (4, 4)
+    k = frame_stack(bundle.config)  # whole stacked frames, as the reference's loop makes
+    frames, batch = (2 * k, 2) if quick else (4 * k, 4)
     engine = RolloutEngine(bundle, device)
     one = requests(bundle, 1, frames)[0]
 

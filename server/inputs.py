@@ -19,6 +19,7 @@ import numpy as np
 
 from model.bundle import Example
 from model.config import BundleConfig
+from model.frame_stack import frame_stack
 from server import video
 
 MAX_VIDEO_FRAMES = 256  # frames decoded from one context video (only the last ones are kept)
@@ -98,7 +99,8 @@ def decode_context(
     else:
         items = [_Source(name, f.data, f.is_video)
                  for f, name in zip(files or [], _upload_names(files or []), strict=True)]
-    keep = config.network.max_frames - 1  # the most context frames any request can use
+    # the most context frames any request can use (the window counts stacked frames)
+    keep = (config.network.max_frames - 1) * frame_stack(config)
     frames = _decode(items, given[0], r, keep, max_pixels, max_request_pixels)
     if not frames:
         raise InputError(given[0], "no frames")

@@ -117,12 +117,18 @@ def bundle_config(df: dict[str, Any], name: str) -> BundleConfig:
     if diff["objective"] not in _OBJECTIVES:
         raise ValueError(f"--config: objective {diff['objective']!r} is not one of "
                          f"{sorted(_OBJECTIVES)}")  # fmt: skip
+    # frame_stack: the network and the sampling loop work on stacked frames of fs frames
+    # (model/frame_stack.py); n_frames and the context are given in single frames, chunk_size
+    # in stacked ones, as in the reference (df_video: n_tokens = n_frames // frame_stack)
     fs = int(algo.get("frame_stack", 1))
-    if fs != 1:
-        raise ValueError(f"--config: frame_stack {fs} is not supported yet (only 1; the "
-                         "DMLab and Minecraft configurations use 1)")  # fmt: skip
-    window = int(data["n_frames"]) // fs
-    context = int(algo.get("context_frames") or data["context_length"]) // fs
+    n_frames = int(data["n_frames"])
+    context_frames = int(algo.get("context_frames") or data["context_length"])
+    if fs < 1:
+        raise ValueError(f"--config: frame_stack {fs} must be >= 1")
+    for field, value in (("n_frames", n_frames), ("context_frames", context_frames)):
+        if value % fs:  # the reference's _preprocess_batch raises for either
+            raise ValueError(f"--config: {field} {value} is not a multiple of frame_stack {fs}")
+    window, context = n_frames // fs, context_frames // fs
     chunk = int(algo.get("chunk_size", 1))
     chunk = window - context if chunk <= 0 else chunk  # -1: the whole rest of the window
     mean, std = float(algo.get("data_mean", 0.5)), float(algo.get("data_std", 0.5))
@@ -137,8 +143,9 @@ def bundle_config(df: dict[str, Any], name: str) -> BundleConfig:
             objective=_OBJECTIVES[diff["objective"]], clip_noise=float(diff["clip_noise"]),
         ),  # fmt: skip
         data=DataConfig(
-            env=str(data.get("name", "diffusion-forcing")), fps=_FPS, n_frames=window,
-            context_length=context, action_names=(),
+            # the data's frames are single frames: the window and default context times fs
+            env=str(data.get("name", "diffusion-forcing")), fps=_FPS, n_frames=window * fs,
+            context_length=context * fs, action_names=(),
             # the reference feeds (x/255 - mean) / std: x / (255 std) - mean / std
             pixel_scale=255.0 * std, pixel_shift=-mean / std,
         ),  # fmt: skip

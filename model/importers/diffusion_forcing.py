@@ -26,6 +26,7 @@ from torch import Tensor
 
 from model.bundle import save_bundle
 from model.config import BundleConfig
+from model.frame_stack import frame_stack
 from model.importers.df_config import bundle_config, load_df_config
 from model.unet3d import UNet3D
 
@@ -206,10 +207,14 @@ def model_card(config: BundleConfig, path: Path, ckpt: dict[str, Any], which: st
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     s, n = config.sampling, config.network
     step = ckpt.get("global_step", "unknown")
-    frames = f"{n.resolution}x{n.resolution}, window {n.max_frames}, context " \
+    frames = f"{n.resolution}x{n.resolution}, window {config.data.n_frames}, context " \
         f"{config.data.context_length}"
+    chunks = f"{s.chunk_size}"
+    if (fs := frame_stack(config)) > 1:  # the loop's counts are in stacked frames
+        frames += f", frame_stack {fs} (the network sees {n.max_frames} frames of {fs} stacked)"
+        chunks += " stacked frames"
     sampling = f"{s.sampler} eta {s.eta}, {s.steps} steps, {s.schedule}, chunks of " \
-        f"{s.chunk_size}, stabilization level {s.context_noise + 1}"
+        f"{chunks}, stabilization level {s.context_noise + 1}"
     return f"""# {config.name}
 
 Imported with `dfserve import diffusion-forcing` from a checkpoint of the Diffusion Forcing
