@@ -75,3 +75,46 @@ def test_cli_rollout_without_actions(df_bundle: Path, tmp_path: Path,
     assert video.probe_mp4(out.read_bytes()).frames == 4
     assert dfserve(["models", "--model", str(df_bundle)]) == 0
     assert "df-fixture" in capsys.readouterr().out
+
+
+# --- frame_stack 2: the network works on pairs of frames, the API sees ordinary frames -----
+
+FS2 = FIXTURE / "frame_stack_2"
+
+
+@pytest.fixture(scope="module")
+def fs2_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("df") / "df-fs2"
+    code = dfserve(["import", "diffusion-forcing", str(FS2 / "reference.ckpt"),
+                    "--out", str(out), "--config", str(FS2 / "config.yaml")])  # fmt: skip
+    assert code == 0
+    return out
+
+
+@pytest.fixture
+def fs2_service(fs2_bundle: Path) -> Iterator[Service]:
+    for svc in make_service("fakeredis", fs2_bundle, max_batch=2):
+        svc.start_worker()
+        svc.wait_ready(timeout=300)
+        yield svc
+
+
+def test_frame_stack_2_serves_single_frames(fs2_service: Service) -> None:
+    doc = fs2_service.client.get("/v1/models/df-fs2").json()
+    assert (doc["channels"], doc["n_frames"], doc["context_length"]) == (3, 16, 4)
+    assert doc["max_context_frames"] == 10  # (window 8 - chunk 3) stacked frames of 2
+    # 5 frames: three stacked frames generated, the surplus frame not handed out
+    body = {"context": [png_b64(8, i) for i in range(4)], "frames": 5, "steps": 2}
+    r = fs2_service.client.post("/v1/rollouts?wait=true", json=body)
+    assert r.status_code == 200, r.text
+    info = video.probe_mp4(r.content)
+    assert info.frames == 5 and (info.width, info.height) == (8, 8)
+
+
+def test_frame_stack_2_odd_context_is_refused_by_name(fs2_service: Service) -> None:
+    body = {"context": [png_b64(8, i) for i in range(3)], "frames": 4}
+    r = fs2_service.client.post("/v1/rollouts", json=body)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail["field"] == "context" and "frame_stack = 2" in detail["message"]
+    assert fs2_service.queue.queued_count() == 0
