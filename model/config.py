@@ -104,7 +104,7 @@ class SamplingConfig:
 class DataConfig:
     env: str = "crafter"
     fps: int = 10
-    n_frames: int = 16  # training window, equals network.max_frames
+    n_frames: int = 16  # training window in frames: network.max_frames x unet.frame_stack
     context_length: int = 4  # default number of context frames a rollout starts from
     action_names: tuple[str, ...] = ()
     # pixels are stored as uint8 and mapped to [-1, 1] by x / 127.5 - 1
