@@ -365,3 +365,19 @@ def test_frame_stack_mismatch_is_named(tmp_path: Path) -> None:
     path = _fs2_config(tmp_path, algorithm__frame_stack=1)
     with pytest.raises(ValueError, match="init_conv.weight has shape .* is --config the run's"):
         import_checkpoint(FS2 / "reference.ckpt", tmp_path / "b", path)
+
+
+@pytest.mark.parametrize("which", ["imported", "imported_fs2"])
+def test_bench_research_loop_agrees_with_the_engine(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    """`dfserve bench`'s re-expression of the research loop (stacking too) gives the engine's
+    frames, in single frames, so its speed figure compares like with like."""
+    from server.bench_df import requests, research_loop, unet_figures
+
+    bundle = load_bundle(request.getfixturevalue(which))
+    one = requests(bundle, 1, 4)[0]
+    frames = research_loop(bundle, one, torch.device("cpu"))
+    assert frames.shape == (4, 3, *one.context.shape[2:])
+    figures = unet_figures(bundle, torch.device("cpu"), quick=True)
+    assert figures["engine_vs_research_loop_max_abs_diff"] == 0.0
