@@ -58,6 +58,12 @@ class NetworkConfig:
     # run starts it at the training data's counts (model.copy_prior): learnt from zero it
     # barely moved in hundreds of steps.
     copy_action_prior: bool = False
+    # With frame_skip: each frame is also conditioned on the noise level of the previous
+    # frame, the one it sees stacked and may copy. Without it a frame cannot tell a clean
+    # previous frame (copy it) from a noisy one (don't) except by its pixels, and under DF's
+    # independent levels the copy gate learnt to copy little: at level T-1 after clean
+    # history it gave "none" 85% of the weight (the crafter-tiles card).
+    previous_level: bool = False
 
     @property
     def tokens_per_frame(self) -> int:
@@ -266,6 +272,10 @@ PRESETS: dict[str, BundleConfig] = {
         network=dataclasses.replace(_CRAFTER_TILES.network, copy_shifts=False,
                                     copy_action_prior=False),
     ),
+    "crafter-tiles-previous-level": dataclasses.replace(
+        _CRAFTER_TILES, name="crafter-tiles-previous-level",
+        network=dataclasses.replace(_CRAFTER_TILES.network, previous_level=True),
+    ),
     "crafter-tiles-64px": dataclasses.replace(
         _CRAFTER_TILES, name="crafter-tiles-64px",
         network=dataclasses.replace(_CRAFTER_TILES.network, resolution=64),
@@ -333,6 +343,7 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "crafter-tiles": _CRAFTER_TILES_TRAIN,
     "crafter-tiles-no-shifts": _CRAFTER_TILES_TRAIN,
     "crafter-tiles-64px": _CRAFTER_TILES_TRAIN,
+    "crafter-tiles-previous-level": _CRAFTER_TILES_TRAIN,
     "crafter-gpu": TrainConfig(batch_size=64, lr=3e-4, warmup_steps=2000, ema_decay=0.9999,
                                ckpt_every=2000, log_every=50),  # fmt: skip
 }

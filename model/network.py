@@ -162,6 +162,14 @@ class CausalVideoDiT(nn.Module):
         self.spatial_pos = nn.Parameter(torch.randn(cfg.tokens_per_frame, D) * 0.02)
         self.level_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         self.action_embed = nn.Embedding(cfg.n_actions + 1, D)  # last id = null action
+        self.previous_level_mlp = None
+        if cfg.previous_level:
+            if not cfg.frame_skip:
+                raise ValueError("network: previous_level needs frame_skip (the stacked frame)")
+            out = nn.Linear(D, D)
+            nn.init.zeros_(out.weight)  # starts as the network without it
+            nn.init.zeros_(out.bias)
+            self.previous_level_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), out)
         nn.init.normal_(self.action_embed.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
@@ -215,13 +223,15 @@ class CausalVideoDiT(nn.Module):
         frame_valid: Tensor | None = None,
         cache: BatchKV | None = None,
         before: Tensor | None = None,
+        before_level: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """x (B, A, C, R, R), levels/actions/positions (B, A) -> output in the objective's
         parameterisation (B, A, C, R, R), plus the new keys/values per layer (B, A*N, Hd, d)
         so the caller can commit finished frames to its cache.
 
         before (B, C, R, R): with frame_skip, the input of the frame preceding x[:, 0] when it
-        is inside the attention window (in the cache); zeros (the default) at a window start."""
+        is inside the attention window (in the cache); zeros (the default) at a window start.
+        before_level (B,): its level, T-1 (nothing to copy, the default) where it is zeros."""
         B, A = levels.shape
         N = self.cfg.tokens_per_frame
         if frame_valid is None:
@@ -239,6 +249,10 @@ class CausalVideoDiT(nn.Module):
         embedding = level_embedding(levels, self.cfg.width, self.timesteps).to(h.dtype)
         cond = self.level_mlp(embedding)
         cond = cond + self.action_embed(actions)  # (B, A, D)
+        if self.previous_level_mlp is not None:
+            previous = self.previous_levels(levels, before_level)
+            embedded = level_embedding(previous, self.cfg.width, self.timesteps).to(h.dtype)
+            cond = cond + self.previous_level_mlp(embedded)
         token_pos = positions.repeat_interleave(N, dim=1)  # (B, A*N)
         rotation = rope_tables(token_pos, self.cfg.width // self.cfg.heads, self.cfg.rope_base,
                                h.dtype)  # fmt: skip
@@ -254,6 +268,13 @@ class CausalVideoDiT(nn.Module):
         if copies and self.cfg.copy_gate:
             return self.gated_copy(out, copies, actions), new_keys, new_values
         return self.unpatchify(out), new_keys, new_values
+
+    def previous_levels(self, levels: Tensor, before_level: Tensor | None) -> Tensor:
+        """(B, A): the level of the frame each frame sees stacked (and may copy)."""
+        first = before_level
+        if first is None:
+            first = levels.new_full((levels.shape[0],), self.timesteps - 1)
+        return torch.cat([first[:, None].to(levels.dtype), levels[:, :-1]], dim=1)
 
     def gated_copy(self, out: Tensor, copies: list[Tensor], actions: Tensor) -> Tensor:
         """residual + sigmoid(gate) * previous, per pixel (the gate is shared by channels);

@@ -488,12 +488,16 @@ class RolloutEngine:
         A = max(len(sp.x) for sp in group)
         x, levels, actions, positions, valid = self._pad(group, A)
         before = torch.zeros_like(x[:, 0])
+        # a finished frame is labelled the context level, in the cache as in a recompute
+        nothing = self.cfg.diffusion.timesteps - 1
+        before_level = torch.full((len(group),), nothing, device=self.device)
         for b, sp in enumerate(group):
             if sp.before is not None:
                 before[b] = sp.before
+                before_level[b] = sp.state.request.sampling.context_noise
         cache = self._batch_cache(group)
         out, keys, values = self.net(x.to(self.net_dtype), levels, actions, positions, valid,
-                                     cache, before.to(self.net_dtype))  # fmt: skip
+                                     cache, before.to(self.net_dtype), before_level)  # fmt: skip
         x0 = self.schedule.to_x0(out.to(self.dtype), x, levels)
         result = {}
         for b, sp in enumerate(group):

@@ -244,12 +244,14 @@ class UNet3D(nn.Module):
         frame_valid: Tensor | None = None,
         cache: object = None,
         before: Tensor | None = None,
+        before_level: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """x (B, F, C, R, R), levels (B, F) -> the objective's output (B, F, C, R, R).
 
         Frames are numbered from 0 at the window's first frame, as the reference does (rotary
         embedding is relative, so only float rounding would differ otherwise). Padding frames
-        (frame_valid False) are refused: they would enter every frame's GroupNorm statistics."""
+        (frame_valid False) are refused: they would enter every frame's GroupNorm statistics.
+        before/before_level are the DiT's stacked previous frame; this network has none."""
         if frame_valid is not None and not bool(frame_valid.all()):
             raise ValueError("UNet3D: padded frames would change GroupNorm statistics")
         if cache is not None:

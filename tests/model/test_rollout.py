@@ -186,3 +186,23 @@ def test_reduced_precision_network_keeps_float32_sampler_state(tiny_bundle, dtyp
     reference = run(tiny_bundle, make_request(tiny_bundle))
     psnr = 10 * torch.log10(4 / (got - reference).pow(2).mean())  # frames span [-1, 1]
     assert psnr > 30, float(psnr)
+
+
+@pytest.mark.parametrize("context_noise", [15, -1])
+def test_cache_equals_recompute_when_frames_see_the_previous_level(tiny_bundle, context_noise):
+    """previous_level: the first frame after the cached history is told its stacked frame's
+    level through before_level; it must be the level a recompute gives that frame (the context
+    level), or the cache would change the samples."""
+    from model.bundle import build_network
+
+    network = dataclasses.replace(tiny_bundle.config.network, previous_level=True)
+    config = dataclasses.replace(tiny_bundle.config, network=network)
+    torch.manual_seed(0)
+    net = build_network(config).double()
+    with torch.no_grad():  # untrained weights with every conditioning path switched on
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    bundle = Bundle(config, net)
+    request = make_request(bundle, context_noise=context_noise)
+    torch.testing.assert_close(run(bundle, request, True), run(bundle, request, False),
+                               atol=TOL64, rtol=0)  # fmt: skip
