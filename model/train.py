@@ -609,10 +609,13 @@ def write_examples(out: Path, config: BundleConfig, episodes: list[Episode], n: 
 
 def _copy_description(n: NetworkConfig) -> str:
     if n.copy_shifts:
-        prior = ", plus a learned bias per action on that choice" if n.copy_action_prior else ""
+        prior = (", plus a learned bias per action on that choice, started at the training "
+                 "data's counts") if n.copy_action_prior else ""
+        level = ("; each frame is also told the noise level of the previous frame"
+                 if n.previous_level else "")
         return ("a residual plus, per pixel, a softmax choice among the previous frame and "
                 f"its copies moved one {n.patch_size}-px patch each way (CDNA-style){prior}; "
-                "the shifted copies are also stacked into each token's input")
+                f"the shifted copies are also stacked into each token's input{level}")
     if n.copy_gate:
         return "a residual plus a per-pixel gated copy of the previous frame"
     return "the frame in the objective's parameterisation"
