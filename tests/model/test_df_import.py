@@ -28,6 +28,21 @@ CKPT = FIXTURE / "reference.ckpt"
 CONFIG = FIXTURE / "config.yaml"
 
 
+
+def reference_noise(noises: list[torch.Tensor], owner: dict[int, int], drawn: list[int]) -> Any:
+    """A stand-in for model.rollout.draw_noise that hands each rollout (by its generator, in
+    `owner`) the reference's recorded chunk noises in order, counting them in `drawn`."""
+
+    def draw(shape: torch.Size, generator: torch.Generator, clip: float,
+             like: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        b = owner[id(generator)]
+        noise = noises[drawn[b]][:, b]
+        drawn[b] += 1
+        assert noise.shape == shape
+        return noise.clamp(-clip, clip).to(like)
+
+    return draw
+
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
     return import_checkpoint(CKPT, tmp_path_factory.mktemp("df") / "df-fixture", str(CONFIG))
@@ -146,16 +161,7 @@ def test_whole_rollout_matches_the_reference(imported: Path,
     states = [engine.start(r) for r in requests]
     owner = {id(st.generator): b for b, st in enumerate(states)}
     drawn = [0, 0]
-
-    def reference_noise(shape: torch.Size, generator: torch.Generator, clip: float,
-                        like: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        b = owner[id(generator)]
-        noise = noises[drawn[b]][:, b]
-        drawn[b] += 1
-        assert noise.shape == shape
-        return noise.clamp(-clip, clip).to(like)
-
-    monkeypatch.setattr("model.rollout.draw_noise", reference_noise)
+    monkeypatch.setattr("model.rollout.draw_noise", reference_noise(noises, owner, drawn))
     frames: list[list[torch.Tensor]] = [[], []]
     while not all(st.done for st in states):
         for b, out in enumerate(engine.step(states)):
@@ -254,16 +260,8 @@ def test_frame_stack_2_whole_rollout_matches_the_reference(
     requests = [RolloutRequest(context[b], (0,) * generated, sampling, seed=b) for b in range(2)]
     owner = {}
     drawn = [0, 0]
-
-    def reference_noise(shape: torch.Size, generator: torch.Generator, clip: float,
-                        like: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        b = owner[id(generator)]
-        noise = noises[drawn[b]][:, b]
-        drawn[b] += 1
-        assert noise.shape == shape  # stacked: 6 channels
-        return noise.clamp(-clip, clip).to(like)
-
-    monkeypatch.setattr("model.rollout.draw_noise", reference_noise)
+    # stacked: the noise has 6 channels
+    monkeypatch.setattr("model.rollout.draw_noise", reference_noise(noises, owner, drawn))
     start = engine.start
 
     def start_and_own(request: RolloutRequest) -> RolloutState:

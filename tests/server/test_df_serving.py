@@ -19,21 +19,28 @@ from tests.server.test_api import Service, make_service, png_b64
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "diffusion_forcing"
 
 
-@pytest.fixture(scope="module")
-def df_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("df") / "df-fixture"
-    code = dfserve(["import", "diffusion-forcing", str(FIXTURE / "reference.ckpt"),
-                    "--out", str(out), "--config", str(FIXTURE / "config.yaml")])  # fmt: skip
+def import_fixture(fixture: Path, out: Path) -> Path:
+    code = dfserve(["import", "diffusion-forcing", str(fixture / "reference.ckpt"),
+                    "--out", str(out), "--config", str(fixture / "config.yaml")])  # fmt: skip
     assert code == 0
     return out
 
 
-@pytest.fixture
-def df_service(df_bundle: Path) -> Iterator[Service]:
-    for svc in make_service("fakeredis", df_bundle, max_batch=2):
+def serve(bundle: Path) -> Iterator[Service]:
+    for svc in make_service("fakeredis", bundle, max_batch=2):
         svc.start_worker()
         svc.wait_ready(timeout=300)  # a shared, busy CPU: the warm-up rollout may be slow
         yield svc
+
+
+@pytest.fixture(scope="module")
+def df_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return import_fixture(FIXTURE, tmp_path_factory.mktemp("df") / "df-fixture")
+
+
+@pytest.fixture
+def df_service(df_bundle: Path) -> Iterator[Service]:
+    yield from serve(df_bundle)
 
 
 def test_imported_bundle_serves_an_mp4(df_service: Service) -> None:
@@ -84,19 +91,12 @@ FS2 = FIXTURE / "frame_stack_2"
 
 @pytest.fixture(scope="module")
 def fs2_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("df") / "df-fs2"
-    code = dfserve(["import", "diffusion-forcing", str(FS2 / "reference.ckpt"),
-                    "--out", str(out), "--config", str(FS2 / "config.yaml")])  # fmt: skip
-    assert code == 0
-    return out
+    return import_fixture(FS2, tmp_path_factory.mktemp("df") / "df-fs2")
 
 
 @pytest.fixture
 def fs2_service(fs2_bundle: Path) -> Iterator[Service]:
-    for svc in make_service("fakeredis", fs2_bundle, max_batch=2):
-        svc.start_worker()
-        svc.wait_ready(timeout=300)
-        yield svc
+    yield from serve(fs2_bundle)
 
 
 def test_frame_stack_2_serves_single_frames(fs2_service: Service) -> None:
