@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import SAMPLERS, SCHEDULES, BundleConfig
 from model.diffusion import NoiseSchedule
-from model.frame_stack import frame_stack, image_channels
+from model.frame_stack import frame_stack, image_channels, max_context_frames
 from model.network import CausalVideoDiT
 from model.unet3d import UNet3D
 
@@ -107,7 +107,7 @@ def describe(config: BundleConfig, path: Path | None) -> dict[str, Any]:
         "fps": c.data.fps,
         "n_frames": c.network.max_frames * k,
         "context_length": c.data.context_length,
-        "max_context_frames": (c.network.max_frames - c.sampling.chunk_size) * k,
+        "max_context_frames": max_context_frames(c, c.sampling.chunk_size),
         "max_rollout_frames": c.max_rollout_frames,
         "actions": list(c.data.action_names),
         "schedules": list(SCHEDULES),

@@ -32,6 +32,12 @@ def image_channels(config: BundleConfig) -> int:
     return config.network.channels // frame_stack(config)
 
 
+def max_context_frames(config: BundleConfig, chunk_size: int) -> int:
+    """The most single context frames a request can use: the window less one chunk, both
+    counted in stacked frames."""
+    return (config.network.max_frames - chunk_size) * frame_stack(config)
+
+
 def stack(frames: Tensor, k: int) -> Tensor:
     """(n*k, C, R, R) single frames -> (n, k*C, R, R) stacked frames."""
     n, c = len(frames) // k, frames.shape[1]

@@ -250,8 +250,8 @@ class CausalVideoDiT(nn.Module):
         cond = self.level_mlp(embedding)
         cond = cond + self.action_embed(actions)  # (B, A, D)
         if self.previous_level_mlp is not None:
-            previous = self.previous_levels(levels, before_level)
-            embedded = level_embedding(previous, self.cfg.width, self.timesteps).to(h.dtype)
+            copied_levels = self.previous_levels(levels, before_level)
+            embedded = level_embedding(copied_levels, self.cfg.width, self.timesteps).to(h.dtype)
             cond = cond + self.previous_level_mlp(embedded)
         token_pos = positions.repeat_interleave(N, dim=1)  # (B, A*N)
         rotation = rope_tables(token_pos, self.cfg.width // self.cfg.heads, self.cfg.rope_base,

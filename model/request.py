@@ -15,7 +15,7 @@ import torch
 
 from model.bundle import action_index, unconditional
 from model.config import BundleConfig, SamplingConfig
-from model.frame_stack import check_context_frames, frame_stack
+from model.frame_stack import check_context_frames, frame_stack, max_context_frames
 from model.rollout import RolloutRequest
 
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingConfig))
@@ -72,13 +72,12 @@ def prepare(
     ctx_ids = [action_index(config, a) for a in context_actions or []]
     if ctx_ids and len(ctx_ids) != len(ctx):
         raise ValueError(f"context_actions: {len(ctx_ids)} given for {len(ctx)} context frames")
-    k = frame_stack(config)  # the window and chunk_size count stacked frames of k frames
-    keep = (config.network.max_frames - s.chunk_size) * k
+    keep = max_context_frames(config, s.chunk_size)
     if len(ctx) > keep:
         notes.append(f"context: {len(ctx)} frames given, the first {len(ctx) - keep} trimmed "
                      f"(the model sees at most {keep} with chunk_size {s.chunk_size})")  # fmt: skip
         ctx, ctx_ids = ctx[-keep:], ctx_ids[-keep:] if ctx_ids else []
-    check_context_frames(len(ctx), k)
+    check_context_frames(len(ctx), frame_stack(config))
     tensor = torch.from_numpy(ctx).permute(0, 3, 1, 2).float() / config.data.pixel_scale
     tensor = tensor + config.data.pixel_shift  # (K, C, R, R) in [-1, 1]
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:

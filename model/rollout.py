@@ -30,7 +30,14 @@ from torch import Tensor
 
 from model.bundle import Bundle
 from model.config import SamplingConfig
-from model.frame_stack import check_context_frames, frame_stack, stack, stacked_count, unstack
+from model.frame_stack import (
+    check_context_frames,
+    frame_stack,
+    max_context_frames,
+    stack,
+    stacked_count,
+    unstack,
+)
 from model.network import BatchKV
 from model.samplers import SamplerState, draw_noise, sampler_step
 from model.scheduling import scheduling_matrix
@@ -225,7 +232,8 @@ class RolloutEngine:
         if not 1 <= len(request.context) // k <= self.window - s.chunk_size:
             most = f"n_frames - chunk_size = {self.window - s.chunk_size}"
             if k > 1:  # the window and chunks count stacked frames
-                most = f"(n_frames - chunk_size) x frame_stack = {(self.window - s.chunk_size) * k}"
+                most = ("(n_frames - chunk_size) x frame_stack = "
+                        f"{max_context_frames(self.cfg, s.chunk_size)}")
             raise ValueError(f"context: {len(request.context)} frames; between {k} and {most} "
                              "are accepted")  # fmt: skip
         if request.frames < 1:
