@@ -19,7 +19,7 @@ import numpy as np
 
 from model.bundle import Example
 from model.config import BundleConfig
-from model.frame_stack import frame_stack
+from model.frame_stack import max_context_frames
 from server import video
 
 MAX_VIDEO_FRAMES = 256  # frames decoded from one context video (only the last ones are kept)
@@ -99,8 +99,7 @@ def decode_context(
     else:
         items = [_Source(name, f.data, f.is_video)
                  for f, name in zip(files or [], _upload_names(files or []), strict=True)]
-    # the most context frames any request can use (the window counts stacked frames)
-    keep = (config.network.max_frames - 1) * frame_stack(config)
+    keep = max_context_frames(config, chunk_size=1)  # the most any request can use
     frames = _decode(items, given[0], r, keep, max_pixels, max_request_pixels)
     if not frames:
         raise InputError(given[0], "no frames")
