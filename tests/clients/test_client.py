@@ -212,7 +212,9 @@ def test_retry_on_429_honours_retry_after(client: Client, server: Server) -> Non
     assert queued.status()["status"] == "queued"
     with Client(server.url, retries=0) as impatient, pytest.raises(QueueFull) as full:
         impatient.rollout(example="random", frames=2)
-    assert full.value.status == 429 and full.value.retry_after == 5
+    # the soonest finish of the running job at its pace so far, within the server's bounds
+    # (tests/server/test_queue.py checks the estimate itself)
+    assert full.value.status == 429 and full.value.retry_after in range(1, 601)
 
     slept: list[float] = []
 
@@ -222,7 +224,7 @@ def test_retry_on_429_honours_retry_after(client: Client, server: Server) -> Non
 
     with Client(server.url, retries=3, backoff=0.1, sleep=sleep) as patient:
         third = patient.rollout(example="random", frames=2)
-        assert slept == [5.0]  # Retry-After (5 s) beats the 0.1 s backoff
+        assert len(slept) == 1 and slept[0] >= 1  # Retry-After (>= 1 s) beats the 0.1 s backoff
         running.cancel()
         assert third.wait(60)["status"] == "succeeded"
 

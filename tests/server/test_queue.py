@@ -429,6 +429,23 @@ def test_worker_heartbeats(q: Queue) -> None:
     assert q.workers() == []
 
 
+def test_next_slot_is_the_soonest_finish_at_each_jobs_own_pace(q: Queue) -> None:
+    """Retry-After's source: time per frame so far x frames left, the smallest over live jobs."""
+    slow, fast = q.submit({}, 10), q.submit({}, 4)
+    claimed = q.claim("w", 2, 0)
+    assert q.next_slot_s() is None  # no live worker holds a job
+    q.heartbeat("w", {"jobs": [slow.id, fast.id]}, ttl_s=30)
+    for c in claimed:
+        q.start(c, "h:1")
+    assert q.next_slot_s() is None  # running, but no frame made yet to go by
+    now = time.time()
+    q.redis.hset(q.keys.job(slow.id), "started_at", repr(now - 20))  # 2 frames in 20 s: 80 s left
+    q.redis.hset(q.keys.job(fast.id), "started_at", repr(now - 3))  # 1 frame in 3 s: 9 s left
+    q.publish_frame(slow.id, 1, PNG)
+    q.publish_frame(fast.id, 0, PNG)
+    assert q.next_slot_s() == pytest.approx(9, abs=0.5)
+
+
 def test_ping() -> None:
     assert Queue(fakeredis.FakeRedis(server=fakeredis.FakeServer())).ping()
     t0 = time.monotonic()
