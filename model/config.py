@@ -64,6 +64,12 @@ class NetworkConfig:
     # independent levels the copy gate learnt to copy little: at level T-1 after clean
     # history it gave "none" 85% of the weight (the crafter-tiles card).
     previous_level: bool = False
+    # With copy_gate (not copy_shifts): the top scroll_rows patch rows are a view that scrolls
+    # by whole patches (Crafter at 72 px: the 7 world rows above the 2 inventory rows). A small
+    # classifier (model.scroll.ScrollHead) picks each frame's scroll among COPY_SHIFTS from the
+    # previous frame, the action and that frame's level, trained by cross-entropy on the data's
+    # own scrolls, and the gate copies the previous frame moved by it. 0: no scroll head.
+    scroll_rows: int = 0
 
     @property
     def tokens_per_frame(self) -> int:
@@ -276,6 +282,14 @@ PRESETS: dict[str, BundleConfig] = {
         _CRAFTER_TILES, name="crafter-tiles-previous-level",
         network=dataclasses.replace(_CRAFTER_TILES.network, previous_level=True),
     ),
+    # The scroll head (model.scroll): the step is one classified choice per frame, not a
+    # per-pixel blend; the gate copies the previous frame scrolled by it.
+    "crafter-scroll": dataclasses.replace(
+        _CRAFTER_TILES, name="crafter-scroll",
+        network=dataclasses.replace(_CRAFTER_TILES.network, copy_shifts=False,
+                                    copy_action_prior=False, previous_level=True,
+                                    scroll_rows=7),
+    ),
     "crafter-tiles-64px": dataclasses.replace(
         _CRAFTER_TILES, name="crafter-tiles-64px",
         network=dataclasses.replace(_CRAFTER_TILES.network, resolution=64),
@@ -344,6 +358,7 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "crafter-tiles-no-shifts": _CRAFTER_TILES_TRAIN,
     "crafter-tiles-64px": _CRAFTER_TILES_TRAIN,
     "crafter-tiles-previous-level": _CRAFTER_TILES_TRAIN,
+    "crafter-scroll": _CRAFTER_TILES_TRAIN,
     "crafter-gpu": TrainConfig(batch_size=64, lr=3e-4, warmup_steps=2000, ema_decay=0.9999,
                                ckpt_every=2000, log_every=50),  # fmt: skip
 }

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from model.data.shards import Episode
-from model.network import COPY_SHIFTS, shift_frames
+from model.scroll import COPY_SHIFTS, shift_frames
 
 MATCH_TOLERANCE = 2  # uint8 levels: a copy "has" a pixel's value within this (video codecs)
 SMOOTHING = 1.0  # votes added to every choice of every action (no log 0)

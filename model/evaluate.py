@@ -45,6 +45,7 @@ from model.config import SamplingConfig
 from model.data.shards import NO_ACTION, Episode, load_episodes, load_meta
 from model.request import sampling_from
 from model.rollout import RolloutEngine, RolloutRequest, RolloutState
+from model.scroll import overlap_mse
 
 log = logging.getLogger(__name__)
 
@@ -354,15 +355,11 @@ def best_tile_shift(before: Tensor, after: Tensor) -> tuple[int, int]:
     still world reads as no shift."""
     tile = before.shape[-1] // VIEW_TILES
     a, b = world_area(before), world_area(after)
-    H, W = a.shape[-2:]
     best, best_err = (0, 0), math.inf
     shifts = [(dy, dx) for dy in range(-MAX_SHIFT, MAX_SHIFT + 1)
               for dx in range(-MAX_SHIFT, MAX_SHIFT + 1)]  # fmt: skip
     for dy, dx in sorted(shifts, key=lambda s: abs(s[0]) + abs(s[1])):
-        py, px = dy * tile, dx * tile
-        moved = a[..., max(-py, 0) : H - max(py, 0), max(-px, 0) : W - max(px, 0)]
-        target = b[..., max(py, 0) : H + min(py, 0), max(px, 0) : W + min(px, 0)]
-        err = float((moved - target).pow(2).mean())
+        err = float(overlap_mse(a, b, dy * tile, dx * tile))
         if err < best_err - 1e-12:
             best, best_err = (dy, dx), err
     return best

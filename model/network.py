@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import NetworkConfig
+from model.scroll import COPY_SHIFTS, ScrollHead, scroll_view, shift_frames
 
 Rotation = tuple[Tensor, Tensor]  # RoPE cos, sin: (B, L, 1, d/2)
 
@@ -62,23 +63,6 @@ def rope(x: Tensor, rotation: Rotation) -> Tensor:
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
-
-
-# The copies of the previous frame that copy_shifts offers, in patches (rows down, columns
-# right): as it was, and moved one patch in each of the four directions.
-COPY_SHIFTS: tuple[tuple[int, int], ...] = ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0))
-
-
-def shift_frames(x: Tensor, dy: int, dx: int) -> Tensor:
-    """x (..., R, R) moved dy pixels down and dx right; what enters from the edge is 0."""
-    if dy == 0 and dx == 0:
-        return x
-    R = x.shape[-1]
-    out = torch.zeros_like(x)
-    out[..., max(dy, 0) : R + min(dy, 0), max(dx, 0) : R + min(dx, 0)] = x[
-        ..., max(-dy, 0) : R + min(-dy, 0), max(-dx, 0) : R + min(-dx, 0)
-    ]
-    return out
 
 
 class Attention(nn.Module):
@@ -158,6 +142,12 @@ class CausalVideoDiT(nn.Module):
         # world moved is a local comparison, and the centre token (the player) can tell a
         # step from a blocked one without first attending to the tile in front of it
         stacked = 1 + (len(COPY_SHIFTS) if cfg.copy_shifts else 1) if cfg.frame_skip else 1
+        self.scroll_head = None
+        if cfg.scroll_rows:  # the scrolled copy is stacked too: what the gate will copy
+            if not cfg.copy_gate or cfg.copy_shifts:
+                raise ValueError("network: scroll_rows needs copy_gate without copy_shifts")
+            stacked += 1
+            self.scroll_head = ScrollHead(P * P * C, cfg.tokens_per_frame, cfg.n_actions)
         self.patch_embed = nn.Linear(stacked * P * P * C, D)
         self.spatial_pos = nn.Parameter(torch.randn(cfg.tokens_per_frame, D) * 0.02)
         self.level_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
@@ -224,6 +214,7 @@ class CausalVideoDiT(nn.Module):
         cache: BatchKV | None = None,
         before: Tensor | None = None,
         before_level: Tensor | None = None,
+        scrolls: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """x (B, A, C, R, R), levels/actions/positions (B, A) -> output in the objective's
         parameterisation (B, A, C, R, R), plus the new keys/values per layer (B, A*N, Hd, d)
@@ -231,7 +222,9 @@ class CausalVideoDiT(nn.Module):
 
         before (B, C, R, R): with frame_skip, the input of the frame preceding x[:, 0] when it
         is inside the attention window (in the cache); zeros (the default) at a window start.
-        before_level (B,): its level, T-1 (nothing to copy, the default) where it is zeros."""
+        before_level (B,): its level, T-1 (nothing to copy, the default) where it is zeros.
+        scrolls (B, A): with scroll_rows, each frame's scroll (an index in COPY_SHIFTS), the
+        data's during training; by default the scroll head's most likely one."""
         B, A = levels.shape
         N = self.cfg.tokens_per_frame
         if frame_valid is None:
@@ -239,12 +232,18 @@ class CausalVideoDiT(nn.Module):
         patches = self.patchify(x)  # (B, A, N, P*P*C)
         copies: list[Tensor] = []  # the previous frame's input, as it was [and moved]
         if self.cfg.frame_skip:
-            first = torch.zeros_like(x[:, 0]) if before is None else before
-            previous = torch.cat([first[:, None], x[:, :-1]], dim=1)  # (B, A, C, R, R)
+            previous = self.previous_frames(x, before)
             offsets = COPY_SHIFTS if self.cfg.copy_shifts else ((0, 0),)
             P = self.cfg.patch_size
             copies = [shift_frames(previous, dy * P, dx * P) for dy, dx in offsets]
-            patches = torch.cat([patches] + [self.patchify(c) for c in copies], dim=-1)
+            stacked = [patches] + [self.patchify(c) for c in copies]
+            if self.scroll_head is not None:
+                if scrolls is None:
+                    scrolls = self.scroll_logits(x, levels, actions, before, before_level)
+                    scrolls = scrolls.argmax(-1)
+                copies = [scroll_view(previous, scrolls, P, self.cfg.scroll_rows)]
+                stacked.append(self.patchify(copies[0]))
+            patches = torch.cat(stacked, dim=-1)
         h = self.patch_embed(patches) + self.spatial_pos  # (B, A, N, D)
         embedding = level_embedding(levels, self.cfg.width, self.timesteps).to(h.dtype)
         cond = self.level_mlp(embedding)
@@ -268,6 +267,22 @@ class CausalVideoDiT(nn.Module):
         if copies and self.cfg.copy_gate:
             return self.gated_copy(out, copies, actions), new_keys, new_values
         return self.unpatchify(out), new_keys, new_values
+
+    def previous_frames(self, x: Tensor, before: Tensor | None) -> Tensor:
+        """(B, A, C, R, R): the input of the frame before each frame (zeros at a window start)."""
+        first = torch.zeros_like(x[:, 0]) if before is None else before
+        return torch.cat([first[:, None], x[:, :-1]], dim=1)
+
+    def scroll_logits(self, x: Tensor, levels: Tensor, actions: Tensor,
+                      before: Tensor | None = None,
+                      before_level: Tensor | None = None) -> Tensor:  # fmt: skip
+        """(B, A, len(COPY_SHIFTS)): the scroll head's logits for each frame of x, from the
+        frame before it, its action and that frame's level (arguments as in forward)."""
+        assert self.scroll_head is not None, "the network has no scroll head (scroll_rows 0)"
+        previous = self.patchify(self.previous_frames(x, before))
+        copied = self.previous_levels(levels, before_level)
+        embedded = level_embedding(copied, self.scroll_head.width, self.timesteps).to(x.dtype)
+        return self.scroll_head(previous, actions, embedded)
 
     def previous_levels(self, levels: Tensor, before_level: Tensor | None) -> Tensor:
         """(B, A): the level of the frame each frame sees stacked (and may copy)."""

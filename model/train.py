@@ -51,6 +51,7 @@ from model.data.shards import NO_ACTION, Episode, load_episodes, load_meta, rand
 from model.diffusion import NoiseSchedule
 from model.hardware import hardware
 from model.network import CausalVideoDiT
+from model.scroll import scroll_labels, scroll_loss
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,12 @@ def loss_weights(ns: NoiseSchedule, levels: Tensor, gamma: float, decay: float) 
     return torch.where(levels < 0, 0.0, w).float()  # clean frames carry no loss
 
 
+# The scroll head's cross-entropy beside the denoising loss. The head shares no weights with
+# the denoiser, so under Adam the weight only matters through the global gradient-norm clip;
+# small, so the head's early gradients do not clip the denoiser's.
+SCROLL_LOSS_WEIGHT = 0.1
+
+
 def diffusion_loss(
     net: CausalVideoDiT,
     ns: NoiseSchedule,
@@ -174,12 +181,20 @@ def diffusion_loss(
     x = ns.q_sample(x0, levels, noise)
     target = ns.target(x0, noise, levels)
     positions = torch.arange(A, device=x0.device).expand(B, A)
+    rows = net.cfg.scroll_rows
+    # the denoiser copies the data's own scroll; the head learns to predict it (model.scroll)
+    scrolls = scroll_labels(x0, net.cfg.patch_size, rows) if rows else None
     with torch.autocast(x0.device.type, torch.bfloat16, enabled=autocast):
-        out, _, _ = net(x, levels, actions_in, positions)
+        out, _, _ = net(x, levels, actions_in, positions, scrolls=scrolls)
     per_frame = (out.float() - target).pow(2).mean(dim=(2, 3, 4))  # (B, A)
     weights = loss_weights(ns, levels, cfg.min_snr_gamma, cfg.cum_snr_decay) * mask
     loss = (per_frame * weights).sum() / mask.sum().clamp_min(1)
-    return loss, {"levels": levels, "mask": mask, "actions": actions_in}
+    drawn = {"levels": levels, "mask": mask, "actions": actions_in}
+    if scrolls is not None:
+        logits = net.scroll_logits(x, levels, actions_in).float()
+        loss = loss + SCROLL_LOSS_WEIGHT * scroll_loss(logits, scrolls, mask)
+        drawn |= {"scrolls": scrolls, "scroll_logits": logits.detach()}
+    return loss, drawn
 
 
 # --- how much the loss depends on the action -------------------------------------------------
@@ -608,14 +623,21 @@ def write_examples(out: Path, config: BundleConfig, episodes: list[Episode], n: 
 
 
 def _copy_description(n: NetworkConfig) -> str:
+    level = "; each frame is also told the noise level of the previous frame"
+    level = level if n.previous_level else ""
     if n.copy_shifts:
         prior = (", plus a learned bias per action on that choice, started at the training "
                  "data's counts") if n.copy_action_prior else ""
-        level = ("; each frame is also told the noise level of the previous frame"
-                 if n.previous_level else "")
         return ("a residual plus, per pixel, a softmax choice among the previous frame and "
                 f"its copies moved one {n.patch_size}-px patch each way (CDNA-style){prior}; "
                 f"the shifted copies are also stacked into each token's input{level}")
+    if n.scroll_rows:
+        return ("a residual plus a per-pixel gated copy of the previous frame with its top "
+                f"{n.scroll_rows} patch rows scrolled by whole {n.patch_size}-px patches, the "
+                "scroll picked per frame by a small classifier (model.scroll.ScrollHead) from "
+                "the previous frame, the action and that frame's level, trained by "
+                "cross-entropy on the data's own scrolls; the previous frame and its scrolled "
+                f"copy are both stacked into each token's input{level}")
     if n.copy_gate:
         return "a residual plus a per-pixel gated copy of the previous frame"
     return "the frame in the objective's parameterisation"

@@ -1,0 +1,146 @@
+"""The scroll head (model.scroll): the data's scrolls as labels, the scrolled copy, the head's
+choice inside the network, cache equivalence, and that training teaches the head the action."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from model.config import preset, train_preset
+from model.network import BatchKV, CausalVideoDiT
+from model.scroll import COPY_SHIFTS, scroll_labels, scroll_view, shift_frames
+from model.train import Trainer, diffusion_loss
+
+TINY = preset("tiny")
+# 16 px, 4-px patches: a 4x4 grid of patches whose top 3 rows scroll and whose last row stays
+SCROLLING = dataclasses.replace(
+    TINY, network=dataclasses.replace(TINY.network, copy_shifts=False, copy_action_prior=False,
+                                      previous_level=True, scroll_rows=3),
+    diffusion=dataclasses.replace(TINY.diffusion, objective="x0"),
+)  # fmt: skip
+P, ROWS, R = 4, 3, 16
+MOVES = {0: 0, 1: COPY_SHIFTS.index((0, 1)), 2: COPY_SHIFTS.index((0, -1)),
+         3: COPY_SHIFTS.index((1, 0))}  # fmt: skip  # tiny's actions noop/left/right/up
+
+
+def walk(scrolls: list[int], seed: int = 0) -> torch.Tensor:
+    """(A, 3, R, R) frames whose top ROWS patch rows are a window onto a bigger random world,
+    moved by COPY_SHIFTS[scrolls[t]] from frame t-1 to frame t; the bottom row never moves."""
+    g = torch.Generator().manual_seed(seed)
+    world = torch.rand(3, 8 * R, 8 * R, generator=g) * 2 - 1
+    status = torch.rand(3, R - ROWS * P, R, generator=g) * 2 - 1
+    y = x = 4 * R
+    frames = []
+    for k in scrolls:
+        dy, dx = COPY_SHIFTS[k]
+        y, x = y - dy * P, x - dx * P  # the view moves against the content
+        frames.append(torch.cat([world[:, y : y + ROWS * P, x : x + R], status], dim=1))
+    return torch.stack(frames)
+
+
+def test_labels_are_the_data_scrolls_and_a_uniform_view_is_still():
+    scrolls = [0, 1, 1, 3, 0, 2, 4, 4]
+    frames = walk(scrolls)
+    assert scroll_labels(frames[None], P, ROWS)[0].tolist() == [0] + scrolls[1:]
+    flat = torch.zeros(1, 3, 3, R, R)
+    flat[:, 1:, :, ROWS * P :] = torch.rand(2, 3, R - ROWS * P, R)  # only the status changes
+    assert scroll_labels(flat, P, ROWS).tolist() == [[0, 0, 0]]
+
+
+def test_scroll_view_moves_the_view_and_keeps_the_rows_below():
+    frames = walk([0, 0, 0])[None]
+    for k, (dy, dx) in enumerate(COPY_SHIFTS):
+        moved = scroll_view(frames, torch.full((1, 3), k), P, ROWS)
+        view = shift_frames(frames[..., : ROWS * P, :], dy * P, dx * P)
+        torch.testing.assert_close(moved[..., : ROWS * P, :], view, atol=0, rtol=0)
+        torch.testing.assert_close(moved[..., ROWS * P :, :], frames[..., ROWS * P :, :])
+
+
+def scroll_net(seed: int = 0) -> CausalVideoDiT:
+    torch.manual_seed(seed)
+    return CausalVideoDiT(SCROLLING.network, SCROLLING.diffusion.timesteps).eval()
+
+
+def copy_all(net: CausalVideoDiT) -> None:
+    """Zero residual, gate fully open: the output is exactly the copied frame."""
+    with torch.no_grad():
+        net.final.weight.zero_()
+        net.final.bias.zero_()
+        net.final.bias[P * P * 3 :] = 50.0
+
+
+def inputs(frames: torch.Tensor, actions: list[int]):
+    B, A = frames.shape[:2]
+    levels = torch.full((B, A), 15)
+    return frames, levels, torch.tensor([actions] * B), torch.arange(A).expand(B, A)
+
+
+def test_the_network_copies_the_given_scroll_or_else_the_heads_choice():
+    net = scroll_net()
+    copy_all(net)
+    frames = walk([0, 1, 3, 2])[None]
+    x, levels, actions, positions = inputs(frames, [0, 1, 3, 2])
+    given = torch.tensor([[0, 1, 3, 2]])
+    with torch.no_grad():
+        out, _, _ = net(x, levels, actions, positions, scrolls=given)
+        previous = net.previous_frames(x, None)
+        torch.testing.assert_close(out, scroll_view(previous, given, P, ROWS), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[:, 1, ..., : ROWS * P, P:], x[:, 1, ..., : ROWS * P, P:],
+                                   atol=1e-5, rtol=0)  # fmt: skip  # frame 1 scrolled right
+        for k in range(len(COPY_SHIFTS)):  # no scrolls given: the head's most likely one
+            net.scroll_head.out[1].bias.zero_()
+            net.scroll_head.out[1].bias[k] = 1e4
+            chosen, _, _ = net(x, levels, actions, positions)
+            expected = scroll_view(previous, torch.full((1, 4), k), P, ROWS)
+            torch.testing.assert_close(chosen, expected, atol=1e-5, rtol=0)
+
+
+def test_cached_prefix_equals_full_forward_with_the_scroll_head():
+    net = scroll_net()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 3, R, R, generator=g)
+    levels = torch.randint(-1, 1000, (2, 6), generator=g)
+    actions = torch.randint(0, 5, (2, 6), generator=g)
+    positions = torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        full, keys, values = net(x, levels, actions, positions)
+        n = net.cfg.tokens_per_frame * 4
+        cache = BatchKV([k[:, :n] for k in keys], [v[:, :n] for v in values],
+                        torch.ones(2, n, dtype=torch.bool))  # fmt: skip
+        tail, _, _ = net(x[:, 4:], levels[:, 4:], actions[:, 4:], positions[:, 4:], cache=cache,
+                         before=x[:, 3], before_level=levels[:, 3])  # fmt: skip
+    torch.testing.assert_close(tail, full[:, 4:], atol=1e-5, rtol=0)
+
+
+def test_training_teaches_the_head_which_way_each_action_scrolls():
+    """Windows where noop stays and left/right/up scroll their way: after a short run the head
+    predicts the scroll from a clean previous frame and the action alone (chance is 1 in 5)."""
+    gen = torch.Generator().manual_seed(0)
+    trainer = Trainer(SCROLLING, dataclasses.replace(train_preset("tiny"), lr=3e-3))
+
+    def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        actions = torch.randint(0, 4, (8, 8), generator=gen)
+        frames = [walk([MOVES[int(a)] for a in row], seed * 100 + i)
+                  for i, row in enumerate(actions)]  # fmt: skip
+        return torch.stack(frames), actions
+
+    for step in range(60):
+        trainer.step(*batch(step))
+    x0, actions = batch(10_000)
+    labels = scroll_labels(x0, P, ROWS)
+    with torch.no_grad():
+        logits = trainer.net.eval().scroll_logits(x0, torch.full(actions.shape, -1), actions)
+    accuracy = (logits[:, 1:].argmax(-1) == labels[:, 1:]).float().mean()
+    assert accuracy > 0.9
+    loss, drawn = diffusion_loss(trainer.net, trainer.ns, x0, actions, trainer.train, gen)
+    assert torch.equal(drawn["scrolls"], labels) and torch.isfinite(loss)
+
+
+def test_scroll_rows_needs_the_single_copy_gate():
+    bad = dataclasses.replace(SCROLLING.network, copy_shifts=True)
+    with pytest.raises(ValueError, match="scroll_rows"):
+        CausalVideoDiT(bad, 1000)
+    assert copy.deepcopy(scroll_net()).scroll_head is not None
