@@ -197,6 +197,25 @@ def diffusion_loss(
     return loss, drawn
 
 
+def scroll_head_loss(
+    net: CausalVideoDiT, ns: NoiseSchedule, x0: Tensor, actions: Tensor, cfg: TrainConfig,
+    gen: torch.Generator,
+) -> Tensor:  # fmt: skip
+    """The scroll head's cross-entropy on extra frame pairs x0 (B, 2, C, R, R): the previous
+    frame noised as diffusion_loss noises a window's frames (DF levels, clean history mixed
+    in), the scroll of the second frame as the label. The head shares no weights with the
+    denoiser, so these pairs cost only the head's small forward pass."""
+    B, A = actions.shape
+    levels, mask = sample_levels("diffusion_forcing", B, A, ns.timesteps, gen)
+    levels = apply_clean_history(levels, cfg.clean_history, cfg.clean_history_level, gen)
+    noise = torch.randn(x0.shape, generator=gen).clamp_(-ns.cfg.clip_noise, ns.cfg.clip_noise)
+    levels = levels.to(x0.device)
+    x = ns.q_sample(x0, levels, noise.to(x0.device))
+    labels = scroll_labels(x0, net.cfg.patch_size, net.cfg.scroll_rows)
+    logits = net.scroll_logits(x, levels, actions).float()
+    return scroll_loss(logits, labels, mask.to(x0.device))
+
+
 # --- how much the loss depends on the action -------------------------------------------------
 
 OPPOSITE_MOVES = {"move_left": "move_right", "move_right": "move_left",
@@ -331,11 +350,13 @@ class Trainer:
             lr *= t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
         return lr
 
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """A random batch of windows: x0 (B, A, C, R, R) in [-1, 1], actions (B, A)."""
+    def next_batch(self, n_frames: int | None = None, batch: int | None = None
+                   ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """A random batch of windows: x0 (B, A, C, R, R) in [-1, 1], actions (B, A); by
+        default batch_size windows of n_frames."""
         frames, actions = random_windows(
-            self.episodes, self.config.data.n_frames, self.train.batch_size, self.rng,
-            null_action=self.null_action,
+            self.episodes, n_frames or self.config.data.n_frames, batch or self.train.batch_size,
+            self.rng, null_action=self.null_action,
         )  # fmt: skip
         x0 = torch.from_numpy(frames).to(self.device).permute(0, 1, 4, 2, 3)  # (B, A, C, R, R)
         x0 = x0.float() / self.config.data.pixel_scale + self.config.data.pixel_shift
@@ -352,6 +373,11 @@ class Trainer:
         loss, _ = diffusion_loss(
             self.forward_net, self.ns, x0, actions, self.train, self.gen, self.autocast
         )
+        if self.train.scroll_batch and self.net.scroll_head is not None:
+            pairs, pair_actions = self.next_batch(n_frames=2, batch=self.train.scroll_batch)
+            loss = loss + SCROLL_LOSS_WEIGHT * scroll_head_loss(
+                self.net, self.ns, pairs, pair_actions, self.train, self.gen
+            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.train.grad_clip)

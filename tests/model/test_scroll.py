@@ -144,3 +144,18 @@ def test_scroll_rows_needs_the_single_copy_gate():
     with pytest.raises(ValueError, match="scroll_rows"):
         CausalVideoDiT(bad, 1000)
     assert copy.deepcopy(scroll_net()).scroll_head is not None
+
+
+def test_the_extra_head_pairs_train_the_head_alone():
+    """scroll_batch's pairs: labelled by the data's scroll of their second frame, and their
+    loss reaches the scroll head's weights only (it shares none with the denoiser)."""
+    from model.train import scroll_head_loss
+
+    trainer = Trainer(SCROLLING, dataclasses.replace(train_preset("tiny"), clean_history=0.5))
+    pairs = torch.stack([walk([0, MOVES[a]], seed=a) for a in (1, 2, 3, 0)])
+    loss = scroll_head_loss(trainer.net, trainer.ns, pairs, torch.tensor([[0, a] for a in
+                            (1, 2, 3, 0)]), trainer.train, torch.Generator().manual_seed(0))
+    loss.backward()
+    touched = {n.split(".")[0] for n, p in trainer.net.named_parameters()
+               if p.grad is not None and p.grad.abs().sum() > 0}  # fmt: skip
+    assert torch.isfinite(loss) and touched == {"scroll_head"}
