@@ -65,6 +65,13 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+# The scroll head's gate logit at initialisation: sigmoid 0.98, the copy starts open. Started
+# at 0 (an even blend) the network learnt to redraw the scrolled copy through its token
+# bottleneck and closed the gate (0.2 after 750 steps), and that redrawing blurs a little
+# at every frame, so the world dissolved (52% of the real detail after 240 moves).
+COPY_OPEN_LOGIT = 4.0
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: NetworkConfig):
         super().__init__()
@@ -180,6 +187,8 @@ class CausalVideoDiT(nn.Module):
         for layer in (final_ada, self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if cfg.scroll_rows:  # the scrolled copy starts open (module docstring of model.scroll)
+            nn.init.constant_(self.final.bias[P * P * C :], COPY_OPEN_LOGIT)
         self.final_ada = nn.Sequential(nn.SiLU(), final_ada)
 
     @property

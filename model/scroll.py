@@ -9,7 +9,9 @@ card: 1 correct scroll in 91); as a classification it is the easy problem it loo
 the tile in front of the player and the action. So `ScrollHead` predicts the scroll with a
 cross-entropy on the data's own scrolls (`scroll_labels`), the network copies the previous frame
 moved by it (`scroll_view`), and the denoiser only draws what the copy lacks: the row or column
-entering at the edge, the player's sprite, animals.
+entering at the edge, the player's sprite, animals. The copy's gate starts open
+(model.network.COPY_OPEN_LOGIT): a world that is copied exactly keeps its detail for as long
+as it stays in view, where one redrawn through the network's tokens blurs a little every frame.
 
 Dimensions: B batch, A frames, C channels, R resolution, P patch (= tile) size, N patches per
 frame, K = len(COPY_SHIFTS), D the head's width.

@@ -98,6 +98,21 @@ def test_the_network_copies_the_given_scroll_or_else_the_heads_choice():
             torch.testing.assert_close(chosen, expected, atol=1e-5, rtol=0)
 
 
+def test_a_fresh_network_copies_the_scrolled_frame():
+    """The gate starts open: before any training the output is the scrolled previous frame
+    (times sigmoid(COPY_OPEN_LOGIT)), so a frame is copied unless the data says otherwise."""
+    from model.network import COPY_OPEN_LOGIT
+
+    net = scroll_net()
+    frames = walk([0, 1, 3])[None]
+    x, levels, actions, positions = inputs(frames, [0, 1, 3])
+    given = torch.tensor([[0, 1, 3]])
+    with torch.no_grad():
+        out, _, _ = net(x, levels, actions, positions, scrolls=given)
+    copied = scroll_view(net.previous_frames(x, None), given, P, ROWS)
+    torch.testing.assert_close(out, torch.sigmoid(torch.tensor(COPY_OPEN_LOGIT)) * copied)
+
+
 def test_cached_prefix_equals_full_forward_with_the_scroll_head():
     net = scroll_net()
     g = torch.Generator().manual_seed(3)

@@ -57,7 +57,8 @@ def test_a_rollout_continues_the_scene_of_each_example(engine: RolloutEngine) ->
     for example in engine.bundle.examples().values():
         req = prepare(config, example.context, list(example.actions), frames=4, seed=0).request
         frames = torch.stack([f for _, f in engine.rollout(req)])
-        assert frames.shape == (4, 3, 64, 64) and torch.isfinite(frames).all()
+        size = config.network.resolution
+        assert frames.shape == (4, 3, size, size) and torch.isfinite(frames).all()
         last = req.context[-1]
         mse = float((((frames[0] - last) / 2) ** 2).mean())
         assert 10 * math.log10(1 / mse) > 15, example.name
