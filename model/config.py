@@ -328,6 +328,9 @@ class TrainConfig:
     # prediction from a visible history, where actions matter (model.train.apply_clean_history)
     clean_history: float = 0.0
     clean_history_level: int = 15  # the default context-noise level of sampling
+    # P(a frame, independently, is nearly clean, levels -1..clean_history_level): a noisy
+    # frame after a clean one at every level (model.train.apply_clean_frames)
+    clean_frames: float = 0.0
     # With a scroll head: frame pairs per step on which the head alone also learns (the
     # windows give it only batch_size x (n_frames - 1) frames a step, and it needed ~50 k
     # examples before it read blocked tiles; model.train.scroll_head_loss)
@@ -347,6 +350,7 @@ class TrainConfig:
         _in_range("history_dropout", self.history_dropout, 0.0, 1.0)
         _in_range("clean_history", self.clean_history, 0.0, 1.0)
         _in_range("clean_history_level", self.clean_history_level, -1, 1 << 20)
+        _in_range("clean_frames", self.clean_frames, 0.0, 1.0)
         _in_range("scroll_batch", self.scroll_batch, 0, 1 << 16)
         _in_range("grad_clip", self.grad_clip, 0.0, 1e9)
 
@@ -363,7 +367,8 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "crafter-tiles-no-shifts": _CRAFTER_TILES_TRAIN,
     "crafter-tiles-64px": _CRAFTER_TILES_TRAIN,
     "crafter-tiles-previous-level": _CRAFTER_TILES_TRAIN,
-    "crafter-scroll": dataclasses.replace(_CRAFTER_TILES_TRAIN, scroll_batch=128),
+    "crafter-scroll": dataclasses.replace(_CRAFTER_TILES_TRAIN, scroll_batch=128,
+                                          clean_frames=0.5),
     "crafter-gpu": TrainConfig(batch_size=64, lr=3e-4, warmup_steps=2000, ema_decay=0.9999,
                                ckpt_every=2000, log_every=50),  # fmt: skip
 }

@@ -99,6 +99,21 @@ def apply_clean_history(
     return torch.where(history, low, levels)
 
 
+def apply_clean_frames(
+    levels: Tensor, probability: float, max_level: int, gen: torch.Generator
+) -> Tensor:
+    """With `probability` per frame, independently, the frame gets a level in [-1, max_level]
+    instead of its uniform one. A frame after a clean one is then common at every level of its
+    own (probability x (1 - probability)), where a clean prefix gives only the frame at its
+    split: that is the case in which the scroll head's copy is exact and the gate must learn
+    to open (the sampler's last step of every frame sees a finished previous frame)."""
+    if probability <= 0:
+        return levels  # draws nothing: runs without it keep their random streams
+    clean = torch.rand(levels.shape, generator=gen) < probability
+    low = torch.randint(-1, max_level + 1, levels.shape, generator=gen)
+    return torch.where(clean, low, levels)
+
+
 def apply_dropout(
     levels: Tensor,
     actions: Tensor,
@@ -172,6 +187,7 @@ def diffusion_loss(
     T = ns.timesteps
     levels, mask = sample_levels(cfg.objective, B, A, T, gen)
     levels = apply_clean_history(levels, cfg.clean_history, cfg.clean_history_level, gen)
+    levels = apply_clean_frames(levels, cfg.clean_frames, cfg.clean_history_level, gen)
     levels, actions_in, mask = apply_dropout(
         levels, actions.cpu(), mask, cfg, T, net.null_action, gen
     )
@@ -208,6 +224,7 @@ def scroll_head_loss(
     B, A = actions.shape
     levels, mask = sample_levels("diffusion_forcing", B, A, ns.timesteps, gen)
     levels = apply_clean_history(levels, cfg.clean_history, cfg.clean_history_level, gen)
+    levels = apply_clean_frames(levels, cfg.clean_frames, cfg.clean_history_level, gen)
     noise = torch.randn(x0.shape, generator=gen).clamp_(-ns.cfg.clip_noise, ns.cfg.clip_noise)
     levels = levels.to(x0.device)
     x = ns.q_sample(x0, levels, noise.to(x0.device))

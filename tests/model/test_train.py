@@ -22,6 +22,7 @@ from model.rollout import RolloutEngine, RolloutRequest
 from model.train import (
     CHECKPOINT,
     Trainer,
+    apply_clean_frames,
     apply_clean_history,
     apply_dropout,
     diffusion_loss,
@@ -141,6 +142,18 @@ def test_clean_history_keeps_a_prefix_near_clean_and_the_rest_uniform():
         assert not row[split:].any() and torch.equal(new[split:], old[split:])
     # the split is spread over the window: every frame but the last is sometimes history
     assert ((mixed <= 15) & (levels > 15)).any(0)[:7].all()
+
+
+def test_clean_frames_are_drawn_per_frame_so_a_noisy_frame_often_follows_a_clean_one():
+    gen = torch.Generator().manual_seed(0)
+    levels, _ = sample_levels("diffusion_forcing", 512, 8, 1000, gen)
+    assert apply_clean_frames(levels, 0.0, 15, gen) is levels  # off: untouched, no draws
+    mixed = apply_clean_frames(levels, 0.5, 15, gen)
+    changed = mixed != levels
+    assert (mixed[changed] <= 15).all() and (mixed[changed] >= -1).all()
+    assert 0.45 < float((mixed <= 15).float().mean()) < 0.55
+    after_clean = (mixed[:, :-1] <= 15) & (mixed[:, 1:] >= 500)  # the scroll copy's case
+    assert 0.1 < float(after_clean.float().mean()) < 0.15  # 1/2 x 1/2 x 1/2; a prefix: ~0.03
 
 
 def test_dropout_replaces_actions_and_history():
