@@ -155,6 +155,18 @@ def horizon_metrics(pred: Tensor, truth: Tensor, last_context: Tensor) -> dict[s
     return out
 
 
+def mean_psnr_gain(pred: Tensor, truth: Tensor, last_context: Tensor,
+                   up_to: int = 16) -> dict[str, float]:  # fmt: skip
+    """The quality bar of DESIGN §7: PSNR at every horizon 1..up_to (aggregated over windows as
+    in horizon_metrics), averaged over the horizons, for the model and copy-last."""
+    up_to = min(up_to, pred.shape[1])
+    model = [aggregate_psnr(mse_per_frame(pred[:, h], truth[:, h])) for h in range(up_to)]
+    copy = [aggregate_psnr(mse_per_frame(last_context, truth[:, h])) for h in range(up_to)]
+    mean_model, mean_copy = float(np.mean(model)), float(np.mean(copy))
+    return {"horizons": up_to, "model": mean_model, "copy_last": mean_copy,
+            "gain_db": mean_model - mean_copy}  # fmt: skip
+
+
 # --- rollouts -----------------------------------------------------------------------------------
 
 
@@ -290,6 +302,7 @@ def evaluate(
         "windows": len(windows),
         "heldout_seeds": sorted({w.episode.seed for w in windows}),
         "horizons": horizon_metrics(pred, truth, last_ctx),
+        "mean_psnr_h1_16": mean_psnr_gain(pred, truth, last_ctx),
         "rollout_frames_per_s": round(pred.shape[0] * pred.shape[1] / rollout_s, 2),
     }
     write_grid(out / "grid.png", truth[: st.grid_windows], pred[: st.grid_windows],
@@ -629,6 +642,10 @@ def card_section(result: dict[str, Any]) -> str:
         "",
         metrics_table(result),
     ]
+    if "mean_psnr_h1_16" in result:
+        g = result["mean_psnr_h1_16"]
+        parts += ["", f"Mean PSNR over every horizon 1–{g['horizons']}: {g['model']:.2f} dB "
+                  f"against copy-last's {g['copy_last']:.2f} ({g['gain_db']:+.2f} dB)."]
     if "stability" in result:
         stab = result["stability"]
         parts += ["", f"Long rollout: {stab['frames']} frames, "
@@ -714,6 +731,9 @@ def evaluate_from_cli(args: argparse.Namespace) -> int:
     result = evaluate(bundle, load_episodes(args.data), args.out, sampling, settings,
                       args.device)  # fmt: skip
     print(metrics_table(result))
+    g = result["mean_psnr_h1_16"]
+    print(f"mean PSNR h1-{g['horizons']}: {g['model']:.2f} dB, copy-last {g['copy_last']:.2f} "
+          f"({g['gain_db']:+.2f} dB)")  # fmt: skip
     if "stability" in result:
         s = result["stability"]
         print(f"stability: {s['fraction_inside']:.1%} inside, collapsed={s['collapsed']}, "

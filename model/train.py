@@ -187,7 +187,8 @@ def diffusion_loss(
     T = ns.timesteps
     levels, mask = sample_levels(cfg.objective, B, A, T, gen)
     levels = apply_clean_history(levels, cfg.clean_history, cfg.clean_history_level, gen)
-    levels = apply_clean_frames(levels, cfg.clean_frames, cfg.clean_history_level, gen)
+    if cfg.objective == "diffusion_forcing":  # TF's levels are its own (one per window)
+        levels = apply_clean_frames(levels, cfg.clean_frames, cfg.clean_history_level, gen)
     levels, actions_in, mask = apply_dropout(
         levels, actions.cpu(), mask, cfg, T, net.null_action, gen
     )

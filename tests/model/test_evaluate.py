@@ -24,6 +24,7 @@ from model.evaluate import (
     evaluate,
     frame_stats,
     horizon_metrics,
+    mean_psnr_gain,
     mse_per_frame,
     psnr_per_frame,
     spatial_detail,
@@ -88,6 +89,20 @@ def test_horizon_metrics_perfect_model_and_copy_last():
     copy = last[:, None].expand(4, 32, 3, 32, 32)
     m = horizon_metrics(copy, truth, last)
     assert m["4"]["model"] == m["4"]["copy_last"] and not m["4"]["model_beats_copy_last_psnr"]
+    assert mean_psnr_gain(copy, truth, last)["gain_db"] == 0.0
+
+
+def test_mean_psnr_gain_averages_every_horizon_up_to_16():
+    """Closed form: a model off by a constant 0.1 has PSNR 20 dB at every horizon; copy-last,
+    off by 0.01 h at horizon h, has 40 - 20 log10(h); the gain is the mean over h = 1..16."""
+    last = torch.full((2, 3, 8, 8), 0.5, dtype=torch.float64)
+    steps = torch.arange(1, 33, dtype=torch.float64).view(1, 32, 1, 1, 1)
+    truth = 0.5 + 0.01 * steps.expand(2, 32, 3, 8, 8)
+    g = mean_psnr_gain(truth + 0.1, truth, last)
+    expected_copy = sum(40 - 20 * math.log10(h) for h in range(1, 17)) / 16
+    assert g["horizons"] == 16 and g["model"] == pytest.approx(20.0)
+    assert g["copy_last"] == pytest.approx(expected_copy)
+    assert g["gain_db"] == pytest.approx(20.0 - expected_copy)
 
 
 def test_stability_in_range_and_collapsed():
@@ -136,6 +151,7 @@ def test_evaluate_end_to_end_on_real_crafter(crafter_episodes, tmp_path):
     result = evaluate(bundle, crafter_episodes, out, bundle.config.sampling, settings)
     doc = json.loads((out / "metrics.json").read_text())
     assert list(doc["horizons"]) == ["1", "4", "8"] and doc["windows"] == 2
+    assert doc["mean_psnr_h1_16"]["horizons"] == 8  # the windows are 8 frames long
     for row in doc["horizons"].values():
         for who in ("model", "copy_last"):
             assert 0 < row[who]["psnr"] < 60 and -1 <= row[who]["ssim"] <= 1
