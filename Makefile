@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # make train: a dataset from the real Crafter environment, then a bundle (DEVELOPERS.md has
 # the exact recipe of the shipped model)
 CONFIG   ?= crafter-cpu
-SIZE     ?= 64# frame size of CONFIG: crafter-cpu 64, crafter-tiles 72
+SIZE     ?= 72# frame size of CONFIG: 72 (one 8-px patch per Crafter tile); crafter-cpu-v1 64
 EPISODES ?= 400
 DATA     ?= data/crafter$(SIZE)-train$(EPISODES)
 HELDOUT  ?= data/crafter$(SIZE)-heldout

@@ -224,8 +224,7 @@ def preset(name: str) -> BundleConfig:
 
 _CRAFTER_DATA = DataConfig(env="crafter", fps=10, n_frames=16, action_names=CRAFTER_ACTIONS)
 
-# The tile-aligned recipe of the default-world issue (not yet the default: at the compute of
-# this round it had not overtaken crafter-cpu; the bundle's model card has the ablations).
+# The tile-aligned recipe of the default-world issue, and the base of the default crafter-cpu.
 # 72x72 frames, so an 8-px patch is one Crafter tile (81 tokens per frame, 63 of them world)
 # and a player step moves the world by exactly one patch; copy_shifts makes that step one
 # choice per pixel and copy_action_prior lets the action pick it (see NetworkConfig).
@@ -250,23 +249,31 @@ PRESETS: dict[str, BundleConfig] = {
                         action_names=("noop", "left", "right", "up")),
         sampling=SamplingConfig(steps=4, chunk_size=3),
     ),  # fmt: skip
-    # Sized for 2 CPU cores and a 30-minute budget: 64 tokens per frame, an 8-frame window
-    # (4 context + a chunk of 4), 1.3 M parameters; one training step of 8 windows takes
-    # about a second on one core. x0-prediction, not v: a token carries a patch of
-    # 8*8*3 = 192 values but the width is 128, so the network cannot represent per-pixel
-    # noise; v/eps targets need exactly that (x0 = a*x - s*v leaves the unrepresented noise
-    # in every sample: 11.8 dB at h=1 with v), while x0 lives in the patches' low-rank image
-    # subspace (rank 128 keeps all but 2e-4 of Crafter's patch variance). Data: 64-px renders
-    # (`dfserve dataset crafter --size 64`).
-    "crafter-cpu": BundleConfig(
-        name="crafter-cpu",
+    # The default (model/bundles/crafter-cpu): the tile-aligned network with a scroll head
+    # (model.scroll). A player step is one classified choice per frame, not a per-pixel
+    # blend, and the gate copies the previous frame scrolled by it, so the world follows the
+    # player and keeps its tiles while they stay in view. 72-px frames (`dfserve dataset
+    # crafter --size 72`), 81 tokens per frame; x0-prediction, as for crafter-cpu-v1 below.
+    "crafter-cpu": dataclasses.replace(
+        _CRAFTER_TILES, name="crafter-cpu",
+        network=dataclasses.replace(_CRAFTER_TILES.network, copy_shifts=False,
+                                    copy_action_prior=False, previous_level=True,
+                                    scroll_rows=7),
+    ),
+    # The default of the previous rounds, for the record (its card is in the git history of
+    # model/bundles/crafter-cpu): 64 tokens per frame, an 8-frame window (4 context + a chunk
+    # of 4), 1.3 M parameters. x0-prediction, not v: a token carries a patch of 8*8*3 = 192
+    # values but the width is 128, so the network cannot represent per-pixel noise; v/eps
+    # targets need exactly that (x0 = a*x - s*v leaves the unrepresented noise in every
+    # sample: 11.8 dB at h=1 with v), while x0 lives in the patches' low-rank image subspace
+    # (rank 128 keeps all but 2e-4 of Crafter's patch variance). 64-px renders, whose 7-px
+    # tiles straddle the patches. It ignored actions (2 of 97 moves followed).
+    "crafter-cpu-v1": BundleConfig(
+        name="crafter-cpu-v1",
         network=NetworkConfig(width=128, depth=4, heads=4, max_frames=8, frame_skip=True,
                               copy_gate=True),
         diffusion=DiffusionConfig(objective="x0"),
         data=dataclasses.replace(_CRAFTER_DATA, n_frames=8),
-        # 2 steps, chosen by `dfserve eval` on held-out episodes: this small model's samples
-        # get worse with more steps (PSNR at h=4: 20.3 dB with 2 steps, 19.4 with 8, 18.4 with
-        # 100-step DDIM), as its errors compound; see the bundle's model card for the table.
         sampling=SamplingConfig(steps=2, chunk_size=4),
     ),
     "crafter-tiles": _CRAFTER_TILES,
@@ -281,14 +288,6 @@ PRESETS: dict[str, BundleConfig] = {
     "crafter-tiles-previous-level": dataclasses.replace(
         _CRAFTER_TILES, name="crafter-tiles-previous-level",
         network=dataclasses.replace(_CRAFTER_TILES.network, previous_level=True),
-    ),
-    # The scroll head (model.scroll): the step is one classified choice per frame, not a
-    # per-pixel blend; the gate copies the previous frame scrolled by it.
-    "crafter-scroll": dataclasses.replace(
-        _CRAFTER_TILES, name="crafter-scroll",
-        network=dataclasses.replace(_CRAFTER_TILES.network, copy_shifts=False,
-                                    copy_action_prior=False, previous_level=True,
-                                    scroll_rows=7),
     ),
     "crafter-tiles-64px": dataclasses.replace(
         _CRAFTER_TILES, name="crafter-tiles-64px",
@@ -362,13 +361,12 @@ _CRAFTER_TILES_TRAIN = TrainConfig(batch_size=8, lr=2e-3, warmup_steps=100, ema_
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(batch_size=4, lr=3e-3, warmup_steps=2, ema_decay=0.9, log_every=1,
                         ckpt_every=2),  # fmt: skip
-    "crafter-cpu": TrainConfig(batch_size=8, lr=2e-3, warmup_steps=100, ema_decay=0.995),
+    "crafter-cpu": dataclasses.replace(_CRAFTER_TILES_TRAIN, scroll_batch=128, clean_frames=0.5),
+    "crafter-cpu-v1": TrainConfig(batch_size=8, lr=2e-3, warmup_steps=100, ema_decay=0.995),
     "crafter-tiles": _CRAFTER_TILES_TRAIN,
     "crafter-tiles-no-shifts": _CRAFTER_TILES_TRAIN,
     "crafter-tiles-64px": _CRAFTER_TILES_TRAIN,
     "crafter-tiles-previous-level": _CRAFTER_TILES_TRAIN,
-    "crafter-scroll": dataclasses.replace(_CRAFTER_TILES_TRAIN, scroll_batch=128,
-                                          clean_frames=0.5),
     "crafter-gpu": TrainConfig(batch_size=64, lr=3e-4, warmup_steps=2000, ema_decay=0.9999,
                                ckpt_every=2000, log_every=50),  # fmt: skip
 }

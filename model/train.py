@@ -729,7 +729,9 @@ A {summary["objective"].replace("_", "-")} video world model of
   history decay {t["cum_snr_decay"]}),
   action dropout {t["action_dropout"]}, history dropout {t["history_dropout"]}, clean
   history {t.get("clean_history", 0.0)} (windows whose prefix sits at levels -1 to
-  {t.get("clean_history_level", 15)}).
+  {t.get("clean_history_level", 15)}), clean frames {t.get("clean_frames", 0.0)} (single
+  frames at those levels), {t.get("scroll_batch", 0)} extra frame pairs a step for the scroll
+  head.
 - AdamW lr {t["lr"]} (warmup {t["warmup_steps"]} steps, cosine to
   {t["min_lr_ratio"]}× when the step budget is set), weight decay {t["weight_decay"]},
   grad clip {t["grad_clip"]}, EMA {t["ema_decay"]}, batch {t["batch_size"]} windows.
