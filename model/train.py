@@ -313,7 +313,7 @@ def action_gain(
 
 
 @dataclass
-class Progress_:
+class TrainProgress:
     step: int = 0
     samples: int = 0
     elapsed: float = 0.0  # seconds of training, summed over resumes
@@ -349,7 +349,7 @@ class Trainer:
         )  # fmt: skip
         self.gen = torch.Generator().manual_seed(train.seed + 1)  # levels, noise, dropout
         self.rng = np.random.default_rng(train.seed + 2)  # which windows
-        self.progress = Progress_()
+        self.progress = TrainProgress()
         cuda = self.device.type == "cuda"
         self.autocast = cuda  # bf16 only pays off on GPUs; CPU stays fp32
         self.forward_net: Any = torch.compile(self.net) if cuda else self.net
@@ -476,7 +476,7 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["torch_rng"])
         self.rng.bit_generator.state = json.loads(state["numpy_rng"])
-        self.progress = Progress_(**json.loads(state["progress"]))
+        self.progress = TrainProgress(**json.loads(state["progress"]))
 
 
 # --- the command --------------------------------------------------------------------------
