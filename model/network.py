@@ -242,14 +242,14 @@ class CausalVideoDiT(nn.Module):
         copies: list[Tensor] = []  # the previous frame's input, as it was [and moved]
         if self.cfg.frame_skip:
             previous = self.previous_frames(x, before)
+            copied_levels = self.previous_levels(levels, before_level)
             offsets = COPY_SHIFTS if self.cfg.copy_shifts else ((0, 0),)
             P = self.cfg.patch_size
             copies = [shift_frames(previous, dy * P, dx * P) for dy, dx in offsets]
             stacked = [patches] + [self.patchify(c) for c in copies]
             if self.scroll_head is not None:
-                if scrolls is None:
-                    scrolls = self.scroll_logits(x, levels, actions, before, before_level)
-                    scrolls = scrolls.argmax(-1)
+                if scrolls is None:  # stacked[1]: the previous frame as it was (no copy_shifts)
+                    scrolls = self.head_logits(stacked[1], actions, copied_levels).argmax(-1)
                 copies = [scroll_view(previous, scrolls, P, self.cfg.scroll_rows)]
                 stacked.append(self.patchify(copies[0]))
             patches = torch.cat(stacked, dim=-1)
@@ -258,7 +258,6 @@ class CausalVideoDiT(nn.Module):
         cond = self.level_mlp(embedding)
         cond = cond + self.action_embed(actions)  # (B, A, D)
         if self.previous_level_mlp is not None:
-            copied_levels = self.previous_levels(levels, before_level)
             embedded = level_embedding(copied_levels, self.cfg.width, self.timesteps).to(h.dtype)
             cond = cond + self.previous_level_mlp(embedded)
         token_pos = positions.repeat_interleave(N, dim=1)  # (B, A*N)
@@ -287,11 +286,15 @@ class CausalVideoDiT(nn.Module):
                       before_level: Tensor | None = None) -> Tensor:  # fmt: skip
         """(B, A, len(COPY_SHIFTS)): the scroll head's logits for each frame of x, from the
         frame before it, its action and that frame's level (arguments as in forward)."""
-        assert self.scroll_head is not None, "the network has no scroll head (scroll_rows 0)"
         previous = self.patchify(self.previous_frames(x, before))
-        copied = self.previous_levels(levels, before_level)
-        embedded = level_embedding(copied, self.scroll_head.width, self.timesteps).to(x.dtype)
-        return self.scroll_head(previous, actions, embedded)
+        return self.head_logits(previous, actions, self.previous_levels(levels, before_level))
+
+    def head_logits(self, previous: Tensor, actions: Tensor, copied_levels: Tensor) -> Tensor:
+        """scroll_logits from what forward has at hand: the previous frames' patches
+        (B, A, N, P*P*C), the actions and the previous frames' levels (B, A)."""
+        assert self.scroll_head is not None, "the network has no scroll head (scroll_rows 0)"
+        embedded = level_embedding(copied_levels, self.scroll_head.width, self.timesteps)
+        return self.scroll_head(previous, actions, embedded.to(previous.dtype))
 
     def previous_levels(self, levels: Tensor, before_level: Tensor | None) -> Tensor:
         """(B, A): the level of the frame each frame sees stacked (and may copy)."""

@@ -19,8 +19,6 @@ frame, K = len(COPY_SHIFTS), D the head's width.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -118,9 +116,3 @@ def scroll_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     if not keep.any():
         return logits.sum() * 0.0
     return nn.functional.cross_entropy(logits[keep], labels[keep])
-
-
-def scroll_accuracy(logits: Tensor, labels: Tensor) -> float:
-    """Fraction of frames t >= 1 whose argmax scroll is the data's (a training diagnostic)."""
-    hits = logits[:, 1:].argmax(-1) == labels[:, 1:]
-    return float(hits.float().mean()) if hits.numel() else math.nan

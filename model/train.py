@@ -210,7 +210,7 @@ def diffusion_loss(
     if scrolls is not None:
         logits = net.scroll_logits(x, levels, actions_in).float()
         loss = loss + SCROLL_LOSS_WEIGHT * scroll_loss(logits, scrolls, mask)
-        drawn |= {"scrolls": scrolls, "scroll_logits": logits.detach()}
+        drawn["scrolls"] = scrolls
     return loss, drawn
 
 
@@ -221,17 +221,19 @@ def scroll_head_loss(
     """The scroll head's cross-entropy on extra frame pairs x0 (B, 2, C, R, R): the previous
     frame noised as diffusion_loss noises a window's frames (DF levels, clean history mixed
     in), the scroll of the second frame as the label. The head shares no weights with the
-    denoiser, so these pairs cost only the head's small forward pass."""
+    denoiser, so these pairs cost only the head's small forward pass, for the second frame
+    alone (the first has no previous frame)."""
     B, A = actions.shape
-    levels, mask = sample_levels("diffusion_forcing", B, A, ns.timesteps, gen)
+    levels, _ = sample_levels("diffusion_forcing", B, A, ns.timesteps, gen)
     levels = apply_clean_history(levels, cfg.clean_history, cfg.clean_history_level, gen)
     levels = apply_clean_frames(levels, cfg.clean_frames, cfg.clean_history_level, gen)
     noise = torch.randn(x0.shape, generator=gen).clamp_(-ns.cfg.clip_noise, ns.cfg.clip_noise)
     levels = levels.to(x0.device)
     x = ns.q_sample(x0, levels, noise.to(x0.device))
-    labels = scroll_labels(x0, net.cfg.patch_size, net.cfg.scroll_rows)
-    logits = net.scroll_logits(x, levels, actions).float()
-    return scroll_loss(logits, labels, mask.to(x0.device))
+    labels = scroll_labels(x0, net.cfg.patch_size, net.cfg.scroll_rows)[:, 1]
+    logits = net.scroll_logits(x[:, 1:], levels[:, 1:], actions[:, 1:], before=x[:, 0],
+                               before_level=levels[:, 0]).float()  # fmt: skip
+    return torch.nn.functional.cross_entropy(logits[:, 0], labels)
 
 
 # --- how much the loss depends on the action -------------------------------------------------
