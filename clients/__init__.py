@@ -13,14 +13,18 @@ from clients.client import (
     QueueFull,
     Rollout,
     RolloutFailed,
+    RolloutParams,
+    RolloutStatus,
     ServerError,
     Session,
     SessionEnded,
+    SessionParams,
     Unauthorized,
 )
 
 __all__ = [
     "AsyncClient", "AsyncRollout", "AsyncSession", "BadRequest", "Client", "Conflict",
     "DfserveError", "Forbidden", "NotFound", "QueueFull", "Rollout", "RolloutFailed",
-    "ServerError", "Session", "SessionEnded", "Unauthorized",
+    "RolloutParams", "RolloutStatus", "ServerError", "Session", "SessionEnded", "SessionParams",
+    "Unauthorized",
 ]  # fmt: skip

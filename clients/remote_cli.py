@@ -15,47 +15,41 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clients.client import Client
+from clients.params import RolloutParams
 
 Encode = Callable[[list[bytes], int], None]  # streamed PNGs and fps -> the output file
 
-SAMPLING = ("schedule", "sampler", "steps", "eta", "guidance", "chunk_size", "uncertainty_scale",
-            "context_noise")  # fmt: skip
 
-
-def _actions(text: str | None) -> list[str | int] | None:
-    if not text:
-        return None
-    return [int(a) if a.strip().isdigit() else a.strip() for a in text.split(",") if a.strip()]
-
-
-def request_params(args: argparse.Namespace) -> dict[str, Any]:
-    """The rollout() keywords from `dfserve rollout` flags."""
-    params: dict[str, Any] = {k: getattr(args, k, None) for k in SAMPLING}
-    params |= {"model": args.model, "actions": _actions(args.actions), "frames": args.frames,
-               "seed": args.seed}
+def request_params(args: argparse.Namespace, sampling: dict[str, Any],
+                   actions: list[str | int] | None) -> RolloutParams:  # fmt: skip
+    """The rollout() keywords from `dfserve rollout` flags; `sampling` and `actions` come
+    parsed by the command (server/rollout_cli.py), which knows the model's sampling fields."""
+    params: dict[str, Any] = dict(sampling)
+    params |= {"model": args.model, "actions": actions, "frames": args.frames, "seed": args.seed}
     if args.context:
         params["context"] = [Path(p) for p in args.context]
     elif args.context_video:
         params["context_video"] = Path(args.context_video)
     else:
         params["example"] = args.example  # None: the server's rule (its default example)
-    return {k: v for k, v in params.items() if v is not None}
+    return cast(RolloutParams, {k: v for k, v in params.items() if v is not None})
 
 
-def run_remote(args: argparse.Namespace, kind: str, encode: Encode) -> int:
+def run_remote(args: argparse.Namespace, kind: str, encode: Encode, sampling: dict[str, Any],
+               actions: list[str | int] | None) -> int:  # fmt: skip
     """kind: "frames" (a folder of PNGs), ".mp4" (the server's MP4) or another suffix that
     `encode` writes from the streamed frames."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
     console = Console(stderr=True)
     out: Path = args.output
     key = args.api_key or os.environ.get("DFSERVE_API_KEY")
-    params = request_params(args)
+    params = request_params(args, sampling, actions)
     if "example" not in params and "context" not in params and "context_video" not in params:
         with Client(args.url, key) as c:  # --example omitted: the model's first example
             model = c.model(args.model) if args.model else next(
@@ -68,13 +62,13 @@ def run_remote(args: argparse.Namespace, kind: str, encode: Encode) -> int:
         return _run(client, params, out, kind, encode, console)
 
 
-def _run(client: Client, params: dict[str, Any], out: Path, kind: str, encode: Encode,
+def _run(client: Client, params: RolloutParams, out: Path, kind: str, encode: Encode,
          console: Console) -> int:
     rollout = client.rollout(**params)
     for note in rollout.notes:
         console.print(f"note: {note}")
     status = rollout.status()
-    total = status["progress"]["frames_total"]
+    total = status.progress.frames_total
     to_dir = kind == "frames"
     if to_dir:
         out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +106,6 @@ def _run(client: Client, params: dict[str, Any], out: Path, kind: str, encode: E
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(rollout.video())
     elif not to_dir:
-        encode(pngs, int(status["params"]["fps"]))
+        encode(pngs, int(status.params["fps"]))
     print(f"{total} frames written to {out} (rollout {rollout.id})")
     return 0

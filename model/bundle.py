@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import SAMPLERS, SCHEDULES, BundleConfig
 from model.diffusion import NoiseSchedule
+from model.errors import FieldError
 from model.frame_stack import frame_stack, image_channels, max_context_frames
 from model.network import CausalVideoDiT
 from model.unet3d import UNet3D
@@ -70,23 +71,31 @@ def unconditional(config: BundleConfig) -> bool:
     return not config.data.action_names and config.network.n_actions == 0
 
 
-def action_index(config: BundleConfig, action: str | int) -> int:
-    """Action name or index -> index; ValueError naming the accepted names."""
+def action_index(config: BundleConfig, action: str | int, field: str = "actions") -> int:
+    """Action name or index -> index; a FieldError naming `field` and the accepted actions."""
     names, n = config.data.action_names, config.network.n_actions
+
+    def refuse(message: str) -> FieldError:
+        return FieldError(field, message, accepted_actions(config))
+
     if unconditional(config):
         if action == n and not isinstance(action, bool):  # the null id the API stores
             return n
-        raise ValueError(f"actions: {config.name} is unconditional and takes no actions; "
-                         "give `frames` only")  # fmt: skip
+        raise refuse(f"{config.name} is unconditional and takes no actions; give `frames` only")
     if isinstance(action, bool) or not isinstance(action, (int, str)):
-        raise ValueError(f"actions: {action!r} is not an action name or index")
+        raise refuse(f"{action!r} is not an action name or index")
     if isinstance(action, int):
         if 0 <= action < n:
             return action
-        raise ValueError(f"actions: {action} outside [0, {n - 1}]")
+        raise refuse(f"{action} outside [0, {n - 1}]")
     if action in names:
         return names.index(action)
-    raise ValueError(f"actions: {action!r} is not one of {list(names)}")
+    raise refuse(f"{action!r} is not an accepted value")
+
+
+def accepted_actions(config: BundleConfig) -> list[str] | str:
+    """What a request may give as an action: the names, or the range of indices."""
+    return list(config.data.action_names) or f"0..{config.network.n_actions - 1}"
 
 
 def load_examples(config: BundleConfig, path: Path | None) -> dict[str, Example]:

@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-SCHEDULES = ("pyramid", "autoregressive", "full_sequence", "trapezoid")
-SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
-BETA_SCHEDULES = ("linear", "cosine", "sigmoid")
-OBJECTIVES = ("eps", "v", "x0")
+from model.errors import in_range, one_of
+
+# The accepted names of the sampling choices, as types: a request schema or a CLI flag built
+# from SamplingConfig's fields (sampling_choices) offers exactly these. Each name has its
+# function in a table: model/scheduling.py SCHEDULE_MATRICES, model/samplers.py SAMPLER_STEPS.
+ScheduleName = Literal["pyramid", "autoregressive", "full_sequence", "trapezoid"]
+SamplerName = Literal["ddim", "ddpm", "dpmpp_2m"]
 # relabel: clean context labelled at context_noise; noised: really noised once; scaled: DF v1.5
 # stabilization, labelled at context_noise and multiplied by sqrt(alpha_bar) with no noise added
 # (df_base ddim_sample_step: q_sample(x, stabilization_level - 1, noise=0)).
-CONTEXT_NOISE_MODES = ("relabel", "noised", "scaled")
+ContextNoiseMode = Literal["relabel", "noised", "scaled"]
+
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
+CONTEXT_NOISE_MODES: tuple[str, ...] = get_args(ContextNoiseMode)
+BETA_SCHEDULES = ("linear", "cosine", "sigmoid")
+OBJECTIVES = ("eps", "v", "x0")
 ARCHITECTURES = ("dit", "unet3d")
 TRAIN_OBJECTIVES = ("diffusion_forcing", "teacher_forcing")
 
@@ -70,6 +79,12 @@ class NetworkConfig:
     # previous frame, the action and that frame's level, trained by cross-entropy on the data's
     # own scrolls, and the gate copies the previous frame moved by it. 0: no scroll head.
     scroll_rows: int = 0
+    # With copy_gate: the output is gate * copy + (1 - gate) * residual, a per-pixel choice
+    # between the copy and the network's own drawing, instead of residual + gate * copy. A
+    # gate at 1 then copies exactly whatever the residual is; with the sum, an exact copy also
+    # needs a residual of exactly 0, and the crafter-cpu model of round 12 drew its world at
+    # gate 0.45 plus a blurry residual at the sampler's last step (the world faded in 3 frames).
+    convex_copy: bool = False
 
     @property
     def tokens_per_frame(self) -> int:
@@ -89,27 +104,39 @@ class DiffusionConfig:
 class SamplingConfig:
     """Sampling settings; a bundle stores its measured defaults, a request may override them."""
 
-    schedule: str = "pyramid"
-    sampler: str = "dpmpp_2m"
+    schedule: ScheduleName = "pyramid"
+    sampler: SamplerName = "dpmpp_2m"
     steps: int = 8  # S denoising steps per frame
     eta: float = 0.0  # DDIM stochasticity (ddpm forces 1)
     uncertainty_scale: float = 1.0  # u: pyramid / trapezoid slope
     chunk_size: int = 4  # frames generated per chunk when sliding
     guidance: float = 1.0  # history guidance weight w; 1 = off
     context_noise: int = 15  # level of context frames (DF stabilization level), -1 = clean
-    context_noise_mode: str = "relabel"  # relabel (DF v1.5) or noised (really add the noise)
+    context_noise_mode: ContextNoiseMode = "relabel"  # see ContextNoiseMode
 
     def validate(self, n_frames: int, timesteps: int) -> None:
-        """Raise ValueError naming the field and the accepted values."""
-        _one_of("schedule", self.schedule, SCHEDULES)
-        _one_of("sampler", self.sampler, SAMPLERS)
-        _one_of("context_noise_mode", self.context_noise_mode, CONTEXT_NOISE_MODES)
-        _in_range("steps", self.steps, 1, timesteps)
-        _in_range("eta", self.eta, 0.0, 1.0)
-        _in_range("uncertainty_scale", self.uncertainty_scale, 0.0, 1000.0)
-        _in_range("chunk_size", self.chunk_size, 1, n_frames - 1)
-        _in_range("guidance", self.guidance, 0.0, 20.0)
-        _in_range("context_noise", self.context_noise, -1, timesteps - 1)
+        """Raise FieldError naming the field (and the accepted values, for the named ones)."""
+        for name, choices in sampling_choices().items():
+            one_of(name, getattr(self, name), choices)
+        in_range("steps", self.steps, 1, timesteps)
+        in_range("eta", self.eta, 0.0, 1.0)
+        in_range("uncertainty_scale", self.uncertainty_scale, 0.0, 1000.0)
+        in_range("chunk_size", self.chunk_size, 1, n_frames - 1)
+        in_range("guidance", self.guidance, 0.0, 20.0)
+        in_range("context_noise", self.context_noise, -1, timesteps - 1)
+
+
+def sampling_types() -> dict[str, Any]:
+    """SamplingConfig's fields and their types, in order: what request schemas and CLI flags
+    are generated from, so a new setting is declared once, above."""
+    hints = get_type_hints(SamplingConfig)
+    return {f.name: hints[f.name] for f in fields(SamplingConfig)}
+
+
+def sampling_choices() -> dict[str, tuple[str, ...]]:
+    """The settings that take one of a fixed set of names, with those names."""
+    return {name: get_args(kind) for name, kind in sampling_types().items()
+            if get_origin(kind) is Literal}
 
 
 @dataclass(frozen=True)
@@ -181,7 +208,7 @@ class BundleConfig:
             else:
                 raise ValueError(f"config.json: unknown key {key!r}")
         config = cls(**kwargs)
-        _one_of("architecture", config.architecture, ARCHITECTURES)
+        one_of("architecture", config.architecture, ARCHITECTURES)
         if (config.architecture == "unet3d") != (config.unet is not None):
             raise ValueError("config.json: `unet` is required with architecture unet3d only")
         return config
@@ -194,16 +221,6 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise ValueError(f"config.json: unknown keys in {where}: {sorted(unknown)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**values)
-
-
-def _one_of(name: str, value: Any, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name}: {value!r} is not one of {list(accepted)}")
-
-
-def _in_range(name: str, value: float, lo: float, hi: float) -> None:
-    if not lo <= value <= hi:
-        raise ValueError(f"{name}: {value!r} is outside [{lo}, {hi}]")
 
 
 # --- named presets --------------------------------------------------------------------------
@@ -259,6 +276,12 @@ PRESETS: dict[str, BundleConfig] = {
         network=dataclasses.replace(_CRAFTER_TILES.network, copy_shifts=False,
                                     copy_action_prior=False, previous_level=True,
                                     scroll_rows=7),
+    ),
+    "crafter-cpu-gated": dataclasses.replace(
+        _CRAFTER_TILES, name="crafter-cpu-gated",
+        network=dataclasses.replace(_CRAFTER_TILES.network, copy_shifts=False,
+                                    copy_action_prior=False, previous_level=True,
+                                    scroll_rows=7, convex_copy=True),
     ),
     # The default of the previous rounds, for the record (its card is in the git history of
     # model/bundles/crafter-cpu): 64 tokens per frame, an 8-frame window (4 context + a chunk
@@ -334,24 +357,29 @@ class TrainConfig:
     # windows give it only batch_size x (n_frames - 1) frames a step, and it needed ~50 k
     # examples before it read blocked tiles; model.train.scroll_head_loss)
     scroll_batch: int = 0
+    # With copy_gate: weight of a per-pixel cross-entropy that teaches the gate where the copy
+    # it is offered is exact (model.train.gate_targets). The x0 loss alone left the gate half
+    # open where the copy was exact, the residual making up the rest with its mean.
+    gate_loss: float = 0.0
     log_every: int = 20  # steps between CSV rows / progress updates
     ckpt_every: int = 250  # steps between checkpoints (also one at the end)
     seed: int = 0
 
     def validate(self) -> None:
-        _one_of("objective", self.objective, TRAIN_OBJECTIVES)
-        _in_range("batch_size", self.batch_size, 1, 1 << 16)
-        _in_range("lr", self.lr, 0.0, 1.0)
-        _in_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _in_range("ema_decay", self.ema_decay, 0.0, 1.0)
-        _in_range("cum_snr_decay", self.cum_snr_decay, 0.0, 1.0)
-        _in_range("action_dropout", self.action_dropout, 0.0, 1.0)
-        _in_range("history_dropout", self.history_dropout, 0.0, 1.0)
-        _in_range("clean_history", self.clean_history, 0.0, 1.0)
-        _in_range("clean_history_level", self.clean_history_level, -1, 1 << 20)
-        _in_range("clean_frames", self.clean_frames, 0.0, 1.0)
-        _in_range("scroll_batch", self.scroll_batch, 0, 1 << 16)
-        _in_range("grad_clip", self.grad_clip, 0.0, 1e9)
+        one_of("objective", self.objective, TRAIN_OBJECTIVES)
+        in_range("batch_size", self.batch_size, 1, 1 << 16)
+        in_range("lr", self.lr, 0.0, 1.0)
+        in_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        in_range("ema_decay", self.ema_decay, 0.0, 1.0)
+        in_range("cum_snr_decay", self.cum_snr_decay, 0.0, 1.0)
+        in_range("action_dropout", self.action_dropout, 0.0, 1.0)
+        in_range("history_dropout", self.history_dropout, 0.0, 1.0)
+        in_range("clean_history", self.clean_history, 0.0, 1.0)
+        in_range("clean_history_level", self.clean_history_level, -1, 1 << 20)
+        in_range("clean_frames", self.clean_frames, 0.0, 1.0)
+        in_range("scroll_batch", self.scroll_batch, 0, 1 << 16)
+        in_range("gate_loss", self.gate_loss, 0.0, 1e3)
+        in_range("grad_clip", self.grad_clip, 0.0, 1e9)
 
 
 # the tile-aligned recipe and its ablations train alike, with clean-history windows mixed in
@@ -362,6 +390,8 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(batch_size=4, lr=3e-3, warmup_steps=2, ema_decay=0.9, log_every=1,
                         ckpt_every=2),  # fmt: skip
     "crafter-cpu": dataclasses.replace(_CRAFTER_TILES_TRAIN, scroll_batch=128, clean_frames=0.5),
+    "crafter-cpu-gated": dataclasses.replace(_CRAFTER_TILES_TRAIN, scroll_batch=128,
+                                             clean_frames=0.5, gate_loss=0.1),
     "crafter-cpu-v1": TrainConfig(batch_size=8, lr=2e-3, warmup_steps=100, ema_decay=0.995),
     "crafter-tiles": _CRAFTER_TILES_TRAIN,
     "crafter-tiles-no-shifts": _CRAFTER_TILES_TRAIN,

@@ -29,7 +29,6 @@ import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,8 @@ from torch import Tensor
 from model.bundle import Bundle, load_bundle, resolve_bundle
 from model.config import SamplingConfig
 from model.data.shards import NO_ACTION, Episode, load_episodes, load_meta
-from model.request import sampling_from
+from model.errors import FieldError
+from model.request import SAMPLING_FIELDS, sampling_from
 from model.rollout import RolloutEngine, RolloutRequest, RolloutState
 from model.scroll import overlap_mse
 
@@ -587,22 +587,14 @@ def _pad(frame: np.ndarray, width: int = 1) -> np.ndarray:
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int, scale: int = 4) -> bool:
-    """H.264 yuv420p MP4 of uint8 (N, H, W, 3) frames, upscaled (nearest) for viewing."""
+    """The service's MP4 (model/media.py) of uint8 (N, H, W, 3) frames, upscaled (nearest)
+    for viewing."""
     try:
-        import av
+        from model.media import encode_mp4
     except ImportError:  # PyAV is a dependency of the service; be lenient in model/
         log.warning("PyAV not installed: %s not written", path)
         return False
-    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
-    h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2  # yuv420p needs even sizes
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": "18"}
-        for f in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f[:h, :w]), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    path.write_bytes(encode_mp4(list(frames), fps, scale))
     return True
 
 
@@ -708,9 +700,7 @@ def evaluate_from_cli(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     path = resolve_bundle(args.model)
     bundle = load_bundle(path)
-    overrides = {k: getattr(args, k, None) for k in
-                 ("schedule", "sampler", "steps", "eta", "chunk_size", "guidance",
-                  "uncertainty_scale", "context_noise", "context_noise_mode")}  # fmt: skip
+    overrides = {k: getattr(args, k, None) for k in SAMPLING_FIELDS}
     sampling = sampling_from(bundle.config, overrides)
     defaults = EvalSettings()
     settings = EvalSettings(**{
@@ -720,36 +710,42 @@ def evaluate_from_cli(args: argparse.Namespace) -> int:
                   "persistence_frames", "seed", "max_batch")
     }, videos=not getattr(args, "no_video", False))  # fmt: skip
     if not 1 <= settings.context <= bundle.config.network.max_frames - sampling.chunk_size:
-        raise ValueError(f"context: {settings.context} frames; the model takes 1 to "
+        raise FieldError("context", f"{settings.context} frames; the model takes 1 to "
                          f"{bundle.config.network.max_frames - sampling.chunk_size}")  # fmt: skip
     size = load_meta(args.data).get("resolution", [None])[0]
     if size != bundle.config.network.resolution:
-        raise ValueError(f"data: {args.data} holds {size}-px frames, the model takes "
+        raise FieldError("data", f"{args.data} holds {size}-px frames, the model takes "
                          f"{bundle.config.network.resolution}; make held-out data with "
                          f"`dfserve dataset crafter --size {bundle.config.network.resolution}`")
     torch.set_grad_enabled(False)
     result = evaluate(bundle, load_episodes(args.data), args.out, sampling, settings,
                       args.device)  # fmt: skip
-    print(metrics_table(result))
-    g = result["mean_psnr_h1_16"]
-    print(f"mean PSNR h1-{g['horizons']}: {g['model']:.2f} dB, copy-last {g['copy_last']:.2f} "
-          f"({g['gain_db']:+.2f} dB)")  # fmt: skip
-    if "stability" in result:
-        s = result["stability"]
-        print(f"stability: {s['fraction_inside']:.1%} inside, collapsed={s['collapsed']}, "
-              f"{s['frames_per_s_one_stream']} frames/s")  # fmt: skip
-    if "action_fidelity" in result:
-        print(f"action fidelity: same action closer in "
-              f"{result['action_fidelity']['same_action_closer']}")  # fmt: skip
-    if "move_fidelity" in result:
-        mf = result["move_fidelity"]
-        print(f"move fidelity: same tile shift in {mf['same_tile_shift']}/"
-              f"{mf['scrolling_cases']}, left-vs-right MSE ratio "
-              f"{mf['left_vs_right_mse']['ratio']:.2f}")  # fmt: skip
-    if "persistence" in result:
-        print(f"persistence: world detail {result['persistence']['ratio']:.0%} of real")
     if getattr(args, "update_card", False):
         update_card(path, result, args.out / "grid.png")
-        print(f"model card updated: {path / 'README.md'}")
-    print(f"metrics written to {args.out / 'metrics.json'}")
+    lines = [metrics_table(result), *summary_lines(result)]
+    if getattr(args, "update_card", False):
+        lines.append(f"model card updated: {path / 'README.md'}")
+    print("\n".join([*lines, f"metrics written to {args.out / 'metrics.json'}"]))  # noqa: T201
     return 0
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """The headline figures of an evaluation, one line each, for the command's report."""
+    g = result["mean_psnr_h1_16"]
+    lines = [f"mean PSNR h1-{g['horizons']}: {g['model']:.2f} dB, copy-last "
+             f"{g['copy_last']:.2f} ({g['gain_db']:+.2f} dB)"]  # fmt: skip
+    if "stability" in result:
+        s = result["stability"]
+        lines.append(f"stability: {s['fraction_inside']:.1%} inside, collapsed="
+                     f"{s['collapsed']}, {s['frames_per_s_one_stream']} frames/s")  # fmt: skip
+    if "action_fidelity" in result:
+        lines.append(f"action fidelity: same action closer in "
+                     f"{result['action_fidelity']['same_action_closer']}")  # fmt: skip
+    if "move_fidelity" in result:
+        mf = result["move_fidelity"]
+        lines.append(f"move fidelity: same tile shift in {mf['same_tile_shift']}/"
+                     f"{mf['scrolling_cases']}, left-vs-right MSE ratio "
+                     f"{mf['left_vs_right_mse']['ratio']:.2f}")  # fmt: skip
+    if "persistence" in result:
+        lines.append(f"persistence: world detail {result['persistence']['ratio']:.0%} of real")
+    return lines

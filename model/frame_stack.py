@@ -20,6 +20,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from model.config import BundleConfig
+from model.errors import FieldError
 
 
 def frame_stack(config: BundleConfig) -> int:
@@ -59,7 +60,7 @@ def stacked_count(frames: int, k: int) -> int:
 def check_context_frames(n: int, k: int) -> None:
     """A context must fill whole stacked frames (the reference raises the same)."""
     if n % k:
-        raise ValueError(
-            f"context: {n} frames; this model stacks frame_stack = {k} frames "
+        raise FieldError(
+            "context", f"{n} frames; this model stacks frame_stack = {k} frames "
             f"into each network frame, so the context must be a multiple of {k}"
         )

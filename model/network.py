@@ -175,6 +175,8 @@ class CausalVideoDiT(nn.Module):
             raise ValueError("network: copy_gate needs frame_skip (it gates the previous frame)")
         if cfg.copy_shifts and not cfg.copy_gate:
             raise ValueError("network: copy_shifts needs copy_gate")
+        if cfg.convex_copy and (not cfg.copy_gate or cfg.copy_shifts):
+            raise ValueError("network: convex_copy needs copy_gate without copy_shifts")
         if cfg.copy_action_prior and not cfg.copy_shifts:
             raise ValueError("network: copy_action_prior needs copy_shifts")
         self.copy_prior = None
@@ -224,6 +226,7 @@ class CausalVideoDiT(nn.Module):
         before: Tensor | None = None,
         before_level: Tensor | None = None,
         scrolls: Tensor | None = None,
+        gates: list[Tensor] | None = None,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """x (B, A, C, R, R), levels/actions/positions (B, A) -> output in the objective's
         parameterisation (B, A, C, R, R), plus the new keys/values per layer (B, A*N, Hd, d)
@@ -233,7 +236,9 @@ class CausalVideoDiT(nn.Module):
         is inside the attention window (in the cache); zeros (the default) at a window start.
         before_level (B,): its level, T-1 (nothing to copy, the default) where it is zeros.
         scrolls (B, A): with scroll_rows, each frame's scroll (an index in COPY_SHIFTS), the
-        data's during training; by default the scroll head's most likely one."""
+        data's during training; by default the scroll head's most likely one.
+        gates: with copy_gate, a list that gets the gate's logits and the copy it gates, each
+        (B, A, C, R, R), for the training loss that supervises the gate (model.train)."""
         B, A = levels.shape
         N = self.cfg.tokens_per_frame
         if frame_valid is None:
@@ -273,7 +278,7 @@ class CausalVideoDiT(nn.Module):
         shift, scale = self.final_ada(cond)[:, :, None, :].chunk(2, dim=-1)
         out = self.final(modulate(self.final_norm(h), shift, scale))  # (B, A, N, P*P*C[+P*P])
         if copies and self.cfg.copy_gate:
-            return self.gated_copy(out, copies, actions), new_keys, new_values
+            return self.gated_copy(out, copies, actions, gates), new_keys, new_values
         return self.unpatchify(out), new_keys, new_values
 
     def previous_frames(self, x: Tensor, before: Tensor | None) -> Tensor:
@@ -294,7 +299,8 @@ class CausalVideoDiT(nn.Module):
         (B, A, N, P*P*C), the actions and the previous frames' levels (B, A)."""
         assert self.scroll_head is not None, "the network has no scroll head (scroll_rows 0)"
         embedded = level_embedding(copied_levels, self.scroll_head.width, self.timesteps)
-        return self.scroll_head(previous, actions, embedded.to(previous.dtype))
+        logits: Tensor = self.scroll_head(previous, actions, embedded.to(previous.dtype))
+        return logits
 
     def previous_levels(self, levels: Tensor, before_level: Tensor | None) -> Tensor:
         """(B, A): the level of the frame each frame sees stacked (and may copy)."""
@@ -303,8 +309,10 @@ class CausalVideoDiT(nn.Module):
             first = levels.new_full((levels.shape[0],), self.timesteps - 1)
         return torch.cat([first[:, None].to(levels.dtype), levels[:, :-1]], dim=1)
 
-    def gated_copy(self, out: Tensor, copies: list[Tensor], actions: Tensor) -> Tensor:
-        """residual + sigmoid(gate) * previous, per pixel (the gate is shared by channels);
+    def gated_copy(self, out: Tensor, copies: list[Tensor], actions: Tensor,
+                   gates_out: list[Tensor] | None = None) -> Tensor:  # fmt: skip
+        """residual + sigmoid(gate) * previous, per pixel (the gate is shared by channels),
+        or with convex_copy the blend sigmoid(gate) * previous + (1 - sigmoid(gate)) * residual;
         with copy_shifts, residual + sum_k softmax(gates)_k * copies[k] (the previous frame
         moved by COPY_SHIFTS[k]), where the softmax also has a "none" choice so a pixel can
         take the residual alone, and with copy_action_prior each frame's action adds its
@@ -318,7 +326,12 @@ class CausalVideoDiT(nn.Module):
         gates = self.unpatchify(gates).view(B, K, A, C, *copies[0].shape[-2:])  # per pixel
         residual = self.unpatchify(residual)
         if not self.cfg.copy_shifts:
-            return residual + torch.sigmoid(gates[:, 0]) * copies[0]
+            if gates_out is not None:
+                gates_out += [gates[:, 0], copies[0]]
+            gate = torch.sigmoid(gates[:, 0])
+            if self.cfg.convex_copy:
+                return torch.lerp(residual, copies[0], gate)
+            return residual + gate * copies[0]
         if self.copy_prior is not None:
             gates = gates + self.copy_prior(actions).permute(0, 2, 1)[..., None, None, None]
         weights = torch.softmax(gates, dim=1)  # (B, K, A, C, R, R); the last choice is "none"

@@ -270,8 +270,11 @@ class RolloutEngine:
     def step(self, states: list[RolloutState]) -> list[list[tuple[int, Tensor]]]:
         """One denoising row for every rollout, in one batched forward pass (per size group).
 
-        Returns, per rollout, the generated frames (index, (C, R, R) in [-1, 1]) that became
-        clean and are next in order.
+        Returns, per rollout, the generated frames (index, (C, R, R)) that became clean and are
+        next in order. A frame is the sampler's x0 on the data's [-1, 1] scale but not clamped
+        to it: the research code does not clamp either (tests/model/test_df_import.py matches
+        its frames), and pixels are clipped where they are made (frames_to_uint8 in
+        server/video.py).
 
         All or nothing: when it raises, every state is as it was before the call, so a caller
         may step the same rollouts again (the worker retries them one by one to find the one
@@ -364,8 +367,11 @@ class RolloutEngine:
         m = torch.from_numpy(st.matrix)
         return levels_of[m[st.row]].to(self.device), levels_of[m[st.row + 1]].to(self.device)
 
-    def _plan(self, st: RolloutState) -> _Forward:
-        """The frames this rollout needs in this row's forward, with their levels and actions."""
+    def _plan(self, st: RolloutState, cached: bool = True) -> _Forward:
+        """The frames this rollout needs in this row's forward, with their levels and actions.
+
+        cached: start after the frames in the rollout's KV cache; without it (or without a
+        cache) the forward starts at the history window's first frame, as a recompute does."""
         assert st.chunk_x is not None
         from_levels, to_levels = self._row_levels(st)
         moving = (from_levels != to_levels).nonzero().flatten()
@@ -374,7 +380,8 @@ class RolloutEngine:
         last = st.chunk_start + int(moving.max())
         if not self.causal:  # later frames (still pure noise) change the earlier ones' output
             last = st.chunk_start + len(st.chunk_x) - 1
-        first = st.cache.end if st.cache is not None else self._history_start(st)
+        cache = st.cache if cached else None
+        first = cache.end if cache is not None else self._history_start(st)
         ctx_level = st.request.sampling.context_noise
         xs, levels = [], []
         for g in range(first, last + 1):
@@ -394,7 +401,7 @@ class RolloutEngine:
             x=torch.stack(xs),
             levels=torch.tensor(levels, device=self.device),
             actions=self._actions(st, first, last),
-            use_cache=st.cache is not None,
+            use_cache=cache is not None,
             before=self._input(st, first - 1) if first > self._history_start(st) else None,
         )
 
@@ -604,11 +611,9 @@ class RolloutEngine:
         return result
 
     def _plan_without_cache(self, st: RolloutState) -> _Forward:
-        cache, st.cache = st.cache, None
-        try:
-            sp = self._plan(st)
-        finally:
-            st.cache = cache
+        """The whole window's forward, ignoring the cache; its frames are a copy that the
+        caller may overwrite (history guidance puts noise in place of the history)."""
+        sp = self._plan(st, cached=False)
         sp.x = sp.x.clone()
         return sp
 

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from model.config import SAMPLERS
+from model.config import SAMPLERS, SamplerName
 from model.diffusion import NoiseSchedule
+from model.errors import FieldError
 
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]  # denoise(x, levels, cond) -> x0
 
@@ -112,6 +113,42 @@ def dpmpp_2m_step(
     return out, new_state
 
 
+class SamplerStep(Protocol):
+    """One row of one sampler: x at from_levels -> x at to_levels, and its state for the next
+    row. Every sampler takes every setting; one that has no use for a setting ignores it."""
+
+    def __call__(self, ns: NoiseSchedule, x: Tensor, x0: Tensor, from_levels: Tensor,
+                 to_levels: Tensor, state: SamplerState, eta: float,
+                 generator: torch.Generator | None) -> tuple[Tensor, SamplerState]: ...
+
+
+def _ddim(ns: NoiseSchedule, x: Tensor, x0: Tensor, from_levels: Tensor, to_levels: Tensor,
+          state: SamplerState, eta: float, generator: torch.Generator | None
+          ) -> tuple[Tensor, SamplerState]:
+    return ddim_step(ns, x, x0, from_levels, to_levels, eta, generator), state
+
+
+def _ddpm(ns: NoiseSchedule, x: Tensor, x0: Tensor, from_levels: Tensor, to_levels: Tensor,
+          state: SamplerState, eta: float, generator: torch.Generator | None
+          ) -> tuple[Tensor, SamplerState]:
+    return ddim_step(ns, x, x0, from_levels, to_levels, 1.0, generator), state  # the posterior
+
+
+def _dpmpp_2m(ns: NoiseSchedule, x: Tensor, x0: Tensor, from_levels: Tensor,
+              to_levels: Tensor, state: SamplerState, eta: float,
+              generator: torch.Generator | None) -> tuple[Tensor, SamplerState]:
+    return dpmpp_2m_step(ns, x, x0, from_levels, to_levels, state)  # deterministic: no eta
+
+
+# The samplers by name: SamplingConfig.sampler picks one. A new sampler is a function above,
+# a line here and its name in model.config.SamplerName.
+SAMPLER_STEPS: dict[SamplerName, SamplerStep] = {
+    "ddim": _ddim,
+    "ddpm": _ddpm,
+    "dpmpp_2m": _dpmpp_2m,
+}
+
+
 def sampler_step(
     sampler: str,
     ns: NoiseSchedule,
@@ -124,13 +161,11 @@ def sampler_step(
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, SamplerState]:
     """One row for one rollout's frames: x at from_levels -> x at to_levels."""
-    if sampler == "ddim":
-        return ddim_step(ns, x, x0, from_levels, to_levels, eta, generator), state
-    if sampler == "ddpm":
-        return ddim_step(ns, x, x0, from_levels, to_levels, 1.0, generator), state
-    if sampler == "dpmpp_2m":
-        return dpmpp_2m_step(ns, x, x0, from_levels, to_levels, state)
-    raise ValueError(f"sampler: {sampler!r} is not one of {list(SAMPLERS)}")
+    # any str may come, so the lookup's key type is ignored, and its value type kept
+    step: SamplerStep | None = SAMPLER_STEPS.get(sampler)  # type: ignore[call-overload]
+    if step is None:
+        raise FieldError("sampler", f"{sampler!r} is not an accepted value", list(SAMPLERS))
+    return step(ns, x, x0, from_levels, to_levels, state, eta, generator)
 
 
 def sample_matrix(

@@ -9,9 +9,12 @@ everywhere, and every column is non-increasing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from model.config import SCHEDULES
+from model.config import SCHEDULES, ScheduleName
+from model.errors import FieldError
 
 
 def pyramid(steps: int, horizon: int, uncertainty_scale: float) -> np.ndarray:
@@ -50,19 +53,27 @@ def trapezoid(steps: int, horizon: int, uncertainty_scale: float) -> np.ndarray:
     return out
 
 
+# The schedules by name, each as (steps S, horizon H, uncertainty scale u) -> matrix:
+# SamplingConfig.schedule picks one. A new schedule is a function above, a line here and its
+# name in model.config.ScheduleName.
+ScheduleMatrix = Callable[[int, int, float], np.ndarray]
+SCHEDULE_MATRICES: dict[ScheduleName, ScheduleMatrix] = {
+    "pyramid": pyramid,
+    "autoregressive": lambda steps, horizon, u: autoregressive(steps, horizon),
+    "full_sequence": lambda steps, horizon, u: full_sequence(steps, horizon),
+    "trapezoid": trapezoid,
+}
+
+
 def scheduling_matrix(
     schedule: str, steps: int, horizon: int, uncertainty_scale: float = 1.0
 ) -> np.ndarray:
     if steps < 1:
-        raise ValueError(f"steps: {steps} must be >= 1")
+        raise FieldError("steps", f"{steps} must be >= 1")
     if horizon < 1:
-        raise ValueError(f"horizon: {horizon} must be >= 1")
-    if schedule == "pyramid":
-        return pyramid(steps, horizon, uncertainty_scale)
-    if schedule == "autoregressive":
-        return autoregressive(steps, horizon)
-    if schedule == "full_sequence":
-        return full_sequence(steps, horizon)
-    if schedule == "trapezoid":
-        return trapezoid(steps, horizon, uncertainty_scale)
-    raise ValueError(f"schedule: {schedule!r} is not one of {list(SCHEDULES)}")
+        raise FieldError("horizon", f"{horizon} must be >= 1")
+    # any str may come, so the lookup's key type is ignored, and its value type kept
+    matrix: ScheduleMatrix | None = SCHEDULE_MATRICES.get(schedule)  # type: ignore[call-overload]
+    if matrix is None:
+        raise FieldError("schedule", f"{schedule!r} is not an accepted value", list(SCHEDULES))
+    return matrix(steps, horizon, uncertainty_scale)

@@ -105,7 +105,8 @@ class ScrollHead(nn.Module):
         cond = self.action(actions) + self.level(level_embedding)  # (B, A, D)
         h = self.embed(patches) + self.position + cond[:, :, None, :]
         h = self.encoder(h.view(B * A, N, self.width))
-        return self.out(h.mean(dim=1)).view(B, A, len(COPY_SHIFTS))
+        logits: Tensor = self.out(h.mean(dim=1)).view(B, A, len(COPY_SHIFTS))
+        return logits
 
 
 def scroll_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:

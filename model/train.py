@@ -173,6 +173,31 @@ def loss_weights(ns: NoiseSchedule, levels: Tensor, gamma: float, decay: float) 
 SCROLL_LOSS_WEIGHT = 0.1
 
 
+# How close (in [-1, 1] pixel units, every channel) the offered copy must be to the frame for
+# the gate to be taught to take it: 3 standard deviations of the noise at the context level 15
+# of the cosine schedule (0.036), so a near-clean previous frame counts as exact and a noisy
+# one does not.
+GATE_EXACT = 0.1
+
+
+def gate_targets(copy: Tensor, x0: Tensor) -> Tensor:
+    """(B, A, C, R, R) copy and frames -> (B, A, R, R) 1.0 where the copy is exact."""
+    return ((copy - x0).abs().amax(dim=2) < GATE_EXACT).float()
+
+
+def gate_loss(gate_logits: Tensor, copy: Tensor, x0: Tensor, mask: Tensor) -> Tensor:
+    """Per-pixel cross-entropy of the copy gate (logits (B, A, C, R, R), shared by channels)
+    against where its copy is exact, over the frames of `mask` (B, A) that have a previous
+    frame in the window (t >= 1)."""
+    keep = mask.clone()
+    keep[:, 0] = False
+    if not keep.any():
+        return gate_logits.sum() * 0.0
+    logits = gate_logits[:, :, 0][keep].float()
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, gate_targets(copy, x0)[keep])
+
+
 def diffusion_loss(
     net: CausalVideoDiT,
     ns: NoiseSchedule,
@@ -201,12 +226,15 @@ def diffusion_loss(
     rows = net.cfg.scroll_rows
     # the denoiser copies the data's own scroll; the head learns to predict it (model.scroll)
     scrolls = scroll_labels(x0, net.cfg.patch_size, rows) if rows else None
+    gates: list[Tensor] | None = [] if cfg.gate_loss else None
     with torch.autocast(x0.device.type, torch.bfloat16, enabled=autocast):
-        out, _, _ = net(x, levels, actions_in, positions, scrolls=scrolls)
+        out, _, _ = net(x, levels, actions_in, positions, scrolls=scrolls, gates=gates)
     per_frame = (out.float() - target).pow(2).mean(dim=(2, 3, 4))  # (B, A)
     weights = loss_weights(ns, levels, cfg.min_snr_gamma, cfg.cum_snr_decay) * mask
     loss = (per_frame * weights).sum() / mask.sum().clamp_min(1)
     drawn = {"levels": levels, "mask": mask, "actions": actions_in}
+    if gates:  # with copy_gate and gate_loss: [logits, copy]
+        loss = loss + cfg.gate_loss * gate_loss(gates[0], gates[1], x0, mask)
     if scrolls is not None:
         logits = net.scroll_logits(x, levels, actions_in).float()
         loss = loss + SCROLL_LOSS_WEIGHT * scroll_loss(logits, scrolls, mask)
@@ -443,7 +471,10 @@ class Trainer:
         from model.bundle import load_bundle
 
         bundle = load_bundle(bundle_dir)
-        if bundle.config.network != self.config.network:
+        # convex_copy changes how the output is formed, not the weights: a warm start may
+        # switch it on from a bundle trained without it
+        theirs = replace(bundle.config.network, convex_copy=self.config.network.convex_copy)
+        if theirs != self.config.network:
             raise ValueError(f"--init {bundle_dir}: its network config differs from "
                              f"{self.config.name}'s; warm starts need the same architecture")
         self.net.load_state_dict(bundle.network.state_dict())
@@ -508,7 +539,7 @@ def train_from_cli(args: argparse.Namespace) -> int:
         bundle_config, train, args.data, args.out, run_dir, args.heldout, device,
         steps=args.steps, minutes=args.minutes, init=args.init,
     )  # fmt: skip
-    print(f"bundle written to {result['bundle']} after {result['steps']} steps "
+    print(f"bundle written to {result['bundle']} after {result['steps']} steps "  # noqa: T201
           f"({result['elapsed_s'] / 60:.1f} min, {result['samples']} samples)")  # fmt: skip
     return 0
 
@@ -634,7 +665,8 @@ def _check_dataset_actions(config: BundleConfig, meta: dict[str, Any]) -> None:
 
 
 def _last_logged_loss(path: Path) -> float | None:
-    rows = list(csv.DictReader(path.open()))
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
     return float(rows[-1]["loss"]) if rows else None
 
 

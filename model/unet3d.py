@@ -64,7 +64,7 @@ class FrameGroupNorm(nn.Module):
 def per_frame(conv: nn.Module, x: Tensor) -> Tensor:
     """Apply a 2-D module to every frame of x (B, F, C, H, W)."""
     B, Fr = x.shape[:2]
-    y = conv(x.reshape(B * Fr, *x.shape[2:]))  # (B*F, C', H', W')
+    y: Tensor = conv(x.reshape(B * Fr, *x.shape[2:]))  # (B*F, C', H', W')
     return y.view(B, Fr, *y.shape[1:])
 
 
@@ -126,7 +126,8 @@ class Attention(nn.Module):
             if causal:
                 q, k = rope_interleaved(q, self.rope_base), rope_interleaved(k, self.rope_base)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
-        return x + self.out(out.reshape(N, L, self.heads * self.dim_head))
+        projected: Tensor = self.out(out.reshape(N, L, self.heads * self.dim_head))
+        return x + projected
 
     def linear_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Softmax of q over features and of k over positions; context = k^T v (d x d per
@@ -141,14 +142,16 @@ def spatial(attn: Attention, x: Tensor) -> Tensor:
     """Attention over the H*W positions of each frame of x (B, F, C, H, W)."""
     B, Fr, C, H, W = x.shape
     seq = x.reshape(B * Fr, C, H * W).transpose(1, 2)  # (B*F, H*W, C)
-    return attn(seq).transpose(1, 2).reshape(B, Fr, C, H, W)
+    attended: Tensor = attn(seq)
+    return attended.transpose(1, 2).reshape(B, Fr, C, H, W)
 
 
 def temporal(attn: Attention, x: Tensor) -> Tensor:
     """Causal attention over the F frames at each pixel of x (B, F, C, H, W)."""
     B, Fr, C, H, W = x.shape
     seq = x.permute(0, 3, 4, 1, 2).reshape(B * H * W, Fr, C)  # (B*H*W, F, C)
-    return attn(seq).view(B, H, W, Fr, C).permute(0, 3, 4, 1, 2)
+    attended: Tensor = attn(seq)
+    return attended.view(B, H, W, Fr, C).permute(0, 3, 4, 1, 2)
 
 
 class Level(nn.Module):

@@ -29,7 +29,9 @@ from urllib.parse import parse_qsl, urlencode
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.routes.deps import OWNER_SCOPE, ApiError
+from server.errors import ApiError
+
+OWNER_SCOPE = "dfserve.owner"  # the caller's owner id, in the ASGI scope (routes.deps reads it)
 
 PROTECTED = "/v1"
 MAX_BUCKETS = 100_000  # distinct clients remembered before full buckets are forgotten

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
@@ -21,48 +19,9 @@ import torch
 
 from model.bundle import Bundle, build_network, load_bundle, resolve_bundle
 from model.hardware import hardware
-from model.rollout import RolloutEngine, RolloutRequest
+from model.rollout import RolloutEngine
+from server.bench_rollouts import make_request, run_concurrent, timed, timed_call
 from server.settings import default_dtype
-
-
-def make_request(bundle: Bundle, frames: int, seed: int = 0, **sampling: Any) -> RolloutRequest:
-    """A rollout from the first bundled example (or grey frames) with cycling actions."""
-    cfg = bundle.config
-    examples = bundle.examples()
-    if examples:
-        ex = next(iter(examples.values()))
-        context = torch.from_numpy(ex.context).permute(0, 3, 1, 2).float() / 127.5 - 1
-        actions = ex.actions or (0,)
-    else:
-        r = cfg.network.resolution
-        context = torch.zeros(cfg.data.context_length, cfg.network.channels, r, r)
-        actions = (0,)
-    s = replace(cfg.sampling, **sampling)
-    context = context[-(cfg.network.max_frames - s.chunk_size) :]
-    cycled = tuple(actions[i % len(actions)] for i in range(frames))
-    return RolloutRequest(context, cycled, s, seed=seed)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def run_concurrent(engine: RolloutEngine, requests: list[RolloutRequest]) -> int:
-    """Step all rollouts together until done (the worker's batching); frames produced."""
-    states = [engine.start(r) for r in requests]
-    produced = 0
-    while not all(s.done for s in states):
-        produced += sum(len(f) for f in engine.step(states))
-    return produced
 
 
 def engine_figures(bundle: Bundle, device: torch.device, quick: bool) -> dict[str, Any]:
@@ -124,9 +83,7 @@ def sampler_figures(bundle: Bundle, device: torch.device, quick: bool) -> dict[s
 
     def rollout(**s: Any) -> tuple[torch.Tensor, float]:
         req = make_request(bundle, frames, seed=1, **s)
-        start = time.perf_counter()
-        out = torch.stack([f for _, f in engine.rollout(req)])
-        return out, time.perf_counter() - start
+        return timed_call(lambda: torch.stack([f for _, f in engine.rollout(req)]), device)
 
     reference, t_ddim = rollout(sampler="ddim", steps=100, eta=0.0)
     coarse, _ = rollout(sampler="ddim", steps=4, eta=0.0)
@@ -174,12 +131,12 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         report.update(engine_figures(bundle, device, args.quick))
         report.update(sampler_figures(bundle, device, args.quick))
-    if not args.engine_only:
+    if not args.engine_only:  # only this half needs the HTTP and WebSocket stack
         from server.bench_service import service_figures
 
         report.update(service_figures(path, bundle, dtype, args.quick))
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))  # noqa: T201 - the report is the command's output
     else:
         print_table(report)
     return 0

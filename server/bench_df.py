@@ -11,7 +11,6 @@ both loops are compared, so the figure is only reported when they agree.
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -23,6 +22,7 @@ from model.frame_stack import frame_stack, image_channels, stack, stacked_count,
 from model.rollout import RolloutEngine, RolloutRequest
 from model.samplers import SamplerState, draw_noise, sampler_step
 from model.scheduling import scheduling_matrix
+from server.bench_rollouts import run_concurrent, timed, timed_call
 
 STEPS = 4  # DDIM steps per frame for the timing (the DMLab config's 100 scale it linearly)
 
@@ -78,26 +78,12 @@ def unet_figures(bundle: Bundle, device: torch.device, quick: bool) -> dict[str,
     frames, batch = (2 * k, 2) if quick else (4 * k, 4)
     engine = RolloutEngine(bundle, device)
     one = requests(bundle, 1, frames)[0]
-
-    def timed(fn: Any) -> tuple[Any, float]:
-        start = time.perf_counter()
-        value = fn()
-        return value, time.perf_counter() - start
-
     research_loop(bundle, requests(bundle, 1, 1)[0], device)  # warm-up
-    ref_frames, t_ref = timed(lambda: research_loop(bundle, one, device))
-    ours, t_one = timed(lambda: torch.stack([f for _, f in engine.rollout(one)]))
+    ref_frames, t_ref = timed_call(lambda: research_loop(bundle, one, device), device)
+    ours, t_one = timed_call(lambda: torch.stack([f for _, f in engine.rollout(one)]), device)
     agree = float((ours.cpu() - ref_frames.cpu()).abs().max())
     many = requests(bundle, batch, frames)
-
-    def batched() -> int:
-        states = [engine.start(r) for r in many]
-        produced = 0
-        while not all(st.done for st in states):
-            produced += sum(len(out) for out in engine.step(states))
-        return produced
-
-    _, t_batch = timed(batched)
+    t_batch = timed(lambda: run_concurrent(engine, many), device)
     return {
         "architecture": bundle.config.architecture,
         "timing_steps": STEPS,

@@ -21,7 +21,7 @@ from websockets.sync.client import connect
 
 from model.bundle import Bundle
 from model.rollout import RolloutEngine
-from server.bench import make_request, run_concurrent, timed
+from server.bench_rollouts import make_request, run_concurrent, timed
 from server.serve import embedded_torch_threads
 from server.settings import Settings
 

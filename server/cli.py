@@ -11,9 +11,9 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, get_args, get_origin
 
-from model.config import SAMPLERS, SCHEDULES
+from model.config import sampling_types
 
 log = logging.getLogger("dfserve")
 OWN_LOGGERS = ("dfserve", "model", "server", "clients")  # what -v turns to DEBUG
@@ -111,14 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--example", help="a bundled example, see `dfserve models`")
     p.add_argument("--actions", help="comma separated names or indices, one per frame")
     p.add_argument("--frames", type=int)
-    p.add_argument("--schedule", choices=SCHEDULES)
-    p.add_argument("--sampler", choices=SAMPLERS)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--eta", type=float)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--chunk-size", type=int)
-    p.add_argument("--uncertainty-scale", type=float)
-    p.add_argument("--context-noise", type=int)
+    _sampling_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--api-key", help="Bearer key for --url (or DFSERVE_API_KEY)")
@@ -174,17 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("eval"))
     p.add_argument("--episodes", type=int, default=16)
     p.add_argument("--context", type=int, default=4)
-    p.add_argument("--schedule", choices=SCHEDULES)
-    p.add_argument("--sampler", choices=SAMPLERS)
-    p.add_argument("--steps", type=int)
+    _sampling_flags(p)
     p.add_argument("--long-frames", type=int, default=1000)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--eta", type=float)
-    p.add_argument("--chunk-size", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--uncertainty-scale", type=float)
-    p.add_argument("--context-noise", type=int, help="-1 = clean history (teacher forcing)")
-    p.add_argument("--context-noise-mode", choices=["relabel", "noised"])
     p.add_argument("--windows", dest="windows_per_episode", type=int,
                    help="rollout windows per held-out episode (default 2)")
     p.add_argument("--fidelity-episodes", type=int, help="action-fidelity episodes (default 4)")
@@ -223,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per sampling setting, made from model.config.SamplingConfig's fields (the
+    one list of them): --chunk-size for chunk_size, a Literal's names as the choices. Unset
+    flags (None) leave the model's default (model.request.sampling_from)."""
+    for name, kind in sampling_types().items():
+        kinds = {"choices": get_args(kind)} if get_origin(kind) is Literal else {"type": kind}
+        p.add_argument(f"--{name.replace('_', '-')}", help="default: the model's", **kinds)
 
 
 def _dtype_flag(p: argparse.ArgumentParser) -> None:
@@ -277,7 +271,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from server.routes.deps import Catalog
+    from server.catalog import Catalog
     from server.routes.models import model_list
     from server.settings import Settings
 

@@ -4,7 +4,7 @@ Four sources, exactly one per request: `context` (a list of base64 PNG/JPEG, dat
 accepted), `context_video` (base64 MP4 or any container PyAV reads), multipart files (images
 and/or videos, in the order given) or `example` (a bundled example, which also brings its
 actions). Every frame is center-cropped and resized with video.resize_frame. Errors are
-`InputError`s (ValueErrors) naming the field, mapped to 422 by the API.
+FieldErrors naming the field (and the file), mapped to 422 by the API.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import base64
 import binascii
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from model.bundle import Example
 from model.config import BundleConfig
+from model.errors import FieldError
 from model.frame_stack import max_context_frames
 from server import video
 
@@ -28,14 +28,6 @@ MAX_VIDEO_FRAMES = 256  # frames decoded from one context video (only the last o
 # 2048x2048 canvas (6 KB of file) does not
 MAX_REQUEST_PIXELS = 2**28
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".gif")
-
-
-class InputError(ValueError):
-    """A bad input, with the field it came from and (when a fixed set exists) accepted values."""
-
-    def __init__(self, field: str, message: str, accepted: Any = None) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field, self.message, self.accepted = field, message, accepted
 
 
 @dataclass(frozen=True)
@@ -78,12 +70,12 @@ def decode_context(
     sources = ["context", "context_video", "example", "files"]
     if len(given) != 1:
         found = f"got {given}" if given else "none given"
-        raise InputError("context", f"give exactly one context source ({found})", sources)
+        raise FieldError("context", f"give exactly one context source ({found})", sources)
     r = config.network.resolution
     if example:
         known = examples()
         if example not in known:
-            raise InputError("example", f"{example!r} is not a bundled example", sorted(known))
+            raise FieldError("example", f"{example!r} is not a bundled example", sorted(known))
         ex = known[example]
         frames = [video.resize_frame(f, r) for f in ex.context]
         return Context(np.stack(frames), list(ex.context_actions) or None,
@@ -92,7 +84,7 @@ def decode_context(
     if context:
         for i, item in enumerate(context):
             if not isinstance(item, str):
-                raise InputError(f"context[{i}]", "must be a base64 string")
+                raise FieldError(f"context[{i}]", "must be a base64 string")
             items.append(_Source(f"context[{i}]", _b64(f"context[{i}]", item), False))
     elif context_video:
         items.append(_Source("context_video", _b64("context_video", context_video), True))
@@ -102,7 +94,7 @@ def decode_context(
     keep = max_context_frames(config, chunk_size=1)  # the most any request can use
     frames = _decode(items, given[0], r, keep, max_pixels, max_request_pixels)
     if not frames:
-        raise InputError(given[0], "no frames")
+        raise FieldError(given[0], "no frames")
     return Context(np.stack(frames), None, None)
 
 
@@ -125,10 +117,10 @@ class _Source:
             else:
                 self.width, self.height = video.image_size(self.data)
         except ValueError as e:
-            raise InputError(self.name, str(e)) from e
+            raise FieldError(self.name, str(e)) from e
         if self.width * self.height > max_pixels:
             what = "video" if self.is_video else "image"
-            raise InputError(self.name, f"{what} is too large: {self.width}x{self.height} > "
+            raise FieldError(self.name, f"{what} is too large: {self.width}x{self.height} > "
                              f"{max_pixels} pixels")  # fmt: skip
 
 
@@ -139,7 +131,7 @@ def _decode(sources: list[_Source], field: str, r: int, keep: int, max_pixels: i
     Every header is read first and the pixels that decoding would produce (frames x canvas,
     per source) are checked against the request's budget before any pixel is decoded: a
     few KB of GIF can describe gigabytes. Only the last `keep` frames can reach the model
-    (model.request.prepare trims the rest), so images before them are never decoded and
+    (model.request.resolve trims the rest), so images before them are never decoded and
     stand as blank frames there, and a video keeps only its last `keep` frames in memory."""
     for src in sources:
         src.probe(max_pixels)
@@ -150,7 +142,7 @@ def _decode(sources: list[_Source], field: str, r: int, keep: int, max_pixels: i
     needed = [s for i, s in enumerate(sources) if i >= first_needed or s.is_video]
     pixels = sum(s.width * s.height * s.frames for s in needed)
     if pixels > max_request_pixels:
-        raise InputError(field, f"the context would decode to {pixels:,} pixels (frames x "
+        raise FieldError(field, f"the context would decode to {pixels:,} pixels (frames x "
                          f"width x height over {len(needed)} files); this server decodes at "
                          f"most {max_request_pixels:,} per request")  # fmt: skip
     blank = np.zeros((r, r, 3), dtype=np.uint8)
@@ -183,14 +175,14 @@ def _b64(field: str, text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise InputError(field, f"not valid base64: {e}") from e
+        raise FieldError(field, f"not valid base64: {e}") from e
 
 
 def _image(field: str, data: bytes, max_pixels: int) -> np.ndarray:
     try:
         return video.decode_image(data, max_pixels=max_pixels)
     except ValueError as e:
-        raise InputError(field, str(e)) from e
+        raise FieldError(field, str(e)) from e
 
 
 def _video(field: str, data: bytes, keep: int, max_pixels: int
@@ -198,14 +190,4 @@ def _video(field: str, data: bytes, keep: int, max_pixels: int
     try:
         return video.decode_video_tail(data, MAX_VIDEO_FRAMES, keep, max_pixels=max_pixels)
     except ValueError as e:
-        raise InputError(field, str(e)) from e
-
-
-def encode_context(frames: np.ndarray) -> list[str]:
-    """uint8 (K, R, R, 3) -> base64 PNGs (how a job's context is stored in the queue)."""
-    return [base64.b64encode(video.encode_png(f)).decode() for f in frames]
-
-
-def decode_stored_context(items: list[str]) -> np.ndarray:
-    """The inverse of encode_context (the worker's side)."""
-    return np.stack([video.decode_image(base64.b64decode(s)) for s in items])
+        raise FieldError(field, str(e)) from e

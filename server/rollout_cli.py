@@ -18,9 +18,10 @@ ENCODERS = {".mp4": video.encode_mp4, ".gif": video.encode_gif, ".webm": video.e
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("schedule", "sampler", "steps", "eta", "guidance", "chunk_size",
-            "uncertainty_scale", "context_noise")  # fmt: skip
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    """The sampling flags given (server/cli.py makes one per SamplingConfig field)."""
+    from model.request import SAMPLING_FIELDS
+
+    return {k: getattr(args, k) for k in SAMPLING_FIELDS if getattr(args, k, None) is not None}
 
 
 def parse_actions(text: str | None) -> list[str | int] | None:
@@ -122,4 +123,5 @@ def run_remote(args: argparse.Namespace) -> int:
     def encode(pngs: list[bytes], fps: int) -> None:  # -o x.gif / x.webm from the stream
         write_output([video.decode_image(p) for p in pngs], args.output, fps)
 
-    return remote(args, output_kind(args.output), encode)
+    return remote(args, output_kind(args.output), encode, sampling_overrides(args),
+                  parse_actions(args.actions))

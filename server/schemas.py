@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from model.config import sampling_types
 from server.queue import JobStatus
 
 Action = int | str
@@ -18,10 +19,27 @@ Action = int | str
 RolloutState = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
 
-class RolloutParams(BaseModel):
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+# One optional field per model.config.SamplingConfig field, of the same type (the names of a
+# schedule, sampler or context-noise mode as Literal types): None keeps the model's default.
+# Generated, so that a new sampling setting is declared once, in the dataclass.
+SamplingOverrides = create_model(  # type: ignore[call-overload]
+    "SamplingOverrides", __config__=STRICT,
+    __doc__="Sampling settings of a request; each one left out is the model's default.",
+    **{name: (kind | None, None) for name, kind in sampling_types().items()},
+)
+
+
+def sampling_overrides(params: BaseModel) -> dict[str, Any]:
+    """The sampling fields of a request, None where the model's default applies."""
+    return {name: getattr(params, name) for name in SamplingOverrides.model_fields}
+
+
+class RolloutParams(SamplingOverrides):  # type: ignore[misc, valid-type]
     """POST /v1/rollouts body (or the `params` field of a multipart request)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
 
     model: str | None = Field(None, description="model id; default: the server's default model")
     context: list[str] | None = Field(None, description="context frames, base64 PNG/JPEG")
@@ -33,24 +51,15 @@ class RolloutParams(BaseModel):
         None, description="one per generated frame (names or indices); fewer than `frames` "
                           "are repeated cyclically, more are cut to the first `frames`")
     frames: int | None = Field(None, description="frames to generate; default len(actions)")
-    schedule: str | None = None
-    sampler: str | None = None
-    steps: int | None = None
-    eta: float | None = None
-    uncertainty_scale: float | None = None
-    chunk_size: int | None = None
-    guidance: float | None = None
-    context_noise: int | None = None
-    context_noise_mode: str | None = None
     seed: int | None = Field(None, description="default: a random seed, stored with the job")
     fps: int | None = Field(None, description="frame rate of the MP4; default: the model's")
 
 
-class SessionStart(BaseModel):
+class SessionStart(SamplingOverrides):  # type: ignore[misc, valid-type]
     """The first message of WS /v1/sessions: {"type": "start", ...}. Like RolloutParams, less
     the per-rollout fields (actions, frames come one `action` message at a time)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
 
     type: str = Field("start", pattern="^start$")
     model: str | None = Field(None, description="model id; default: the server's default model")
@@ -58,15 +67,7 @@ class SessionStart(BaseModel):
     context_video: str | None = Field(None, description="context frames from a base64 video")
     example: str | None = Field(None, description="a bundled example (its context)")
     context_actions: list[Action] | None = None
-    schedule: str | None = None
-    sampler: str | None = None
-    steps: int | None = None
-    eta: float | None = None
-    uncertainty_scale: float | None = None
     chunk_size: int | None = Field(None, description="default 1: each action answered at once")
-    guidance: float | None = None
-    context_noise: int | None = None
-    context_noise_mode: str | None = None
     seed: int | None = Field(None, description="default: a random seed")
     format: str = Field("jpeg", description="image format of frames: jpeg or png")
 
@@ -91,7 +92,9 @@ class RolloutCreated(BaseModel):
     notes: list[str]
 
 
-class RolloutStatus(BaseModel):
+class JobState(BaseModel):
+    """What every view of a job starts with (the schemas below; `links` stays last in each)."""
+
     id: str
     status: RolloutState
     progress: Progress
@@ -100,23 +103,18 @@ class RolloutStatus(BaseModel):
     started_at: float | None
     finished_at: float | None
     error: str | None
-    worker: str | None
-    params: dict[str, Any] = Field(description="the effective parameters, defaults filled in")
-    notes: list[str]
+
+
+class RolloutSummary(JobState):
+    """One job of GET /v1/rollouts: what a list needs, without the parameters."""
+
     links: Links
 
 
-class RolloutSummary(BaseModel):
-    """One job of GET /v1/rollouts: what a list needs, without the parameters."""
-
-    id: str
-    status: RolloutState
-    progress: Progress
-    queue_position: int | None
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    error: str | None
+class RolloutStatus(JobState):  # one job in full: GET /v1/rollouts/{id}
+    worker: str | None
+    params: dict[str, Any] = Field(description="the effective parameters, defaults filled in")
+    notes: list[str]
     links: Links
 
 

@@ -79,10 +79,6 @@ class Settings(BaseSettings):
     rate_limit_per_min: int | None = Field(default=None, ge=1)  # per key, per API process
     cors_origins: Annotated[list[str], NoDecode] = []  # empty: no cross-origin access
 
-    # TEST ONLY, never set in production: a worker that admits a job with this seed dies at
-    # once (os._exit(1)), to simulate a poison job (tests/reliability). Off by default.
-    test_crash_on_seed: int | None = None
-
     @field_validator("models_dir", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:

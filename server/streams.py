@@ -13,6 +13,8 @@ No wake-up is lost: a subscriber waits only after a read found nothing after its
 and the hub reads each job from the smallest cursor of its subscribers, or from an id it
 already reported when that is later (an event the read would have found, so reported while
 the read was in flight, which makes `wait` return at once).
+
+`pump_events` is the one loop both WebSockets run on a subscription.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis
+from starlette.concurrency import run_in_threadpool
 
-from server.queue import Queue, stream_id
+from server.queue import Event, Job, JobStatus, Queue, events_cursor, stream_id
 
 log = logging.getLogger(__name__)
 
@@ -172,3 +175,51 @@ class EventHub:
             for sub in self._subs.get(job_id, ()):
                 sub.reports += 1
                 sub.woken.set()
+
+
+# ------------------------------------------------------------ one socket's pump
+
+STREAM_POLL_S = 1.0  # a quiet stream wakes this often (to see its client has left)
+STREAM_CHECK_S = 30.0  # and checks this often that its job still exists (jobs expire)
+STREAM_COUNT = 64  # events per read (frames carry their PNGs)
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+async def pump_events(queue: Queue, hub: EventHub, job: Job, after: int, send: Send,
+                      deliver: Callable[[Event], Awaitable[bool]], expired: dict[str, Any],
+                      gone: asyncio.Event | None = None) -> None:
+    """A job's events, from Redis to one socket (WS /v1/rollouts/{id}/stream and
+    WS /v1/sessions), each handed to `deliver` in order from frame `after` on, until
+    `deliver` returns True (after `done`) or the client is `gone`.
+
+    Between events it waits on the hub without reading Redis. Meanwhile it tells a queued
+    client where it stands (`send`, when the hub saw its place change), and now and then
+    checks that the job has not expired (then it sends `expired` and returns)."""
+    position = job.queue_position
+    if job.status is JobStatus.queued:
+        await send({"type": "queued", "position": position})
+    loop = asyncio.get_running_loop()
+    check_at = loop.time() + STREAM_CHECK_S
+
+    def left() -> bool:
+        return gone is not None and gone.is_set()
+
+    with hub.subscribe(job.id, events_cursor(after)) as sub:
+        while not left():
+            mark = sub.reports
+            events = await run_in_threadpool(queue.events, job.id, after, 0, sub.cursor,
+                                             STREAM_COUNT)
+            while not events and not left() and not await sub.wait(mark, STREAM_POLL_S):
+                if sub.positioned and sub.position is not None and sub.position != position:
+                    position = sub.position
+                    await send({"type": "queued", "position": position})
+                if loop.time() >= check_at:
+                    check_at = loop.time() + STREAM_CHECK_S
+                    if not (await run_in_threadpool(queue.standing, job.id))[0]:
+                        await send(expired)
+                        return
+            for ev in events:
+                sub.cursor = ev.id
+                if await deliver(ev):
+                    return

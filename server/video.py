@@ -3,32 +3,30 @@
 Every function here is pure: bytes in, numpy out or the reverse. A frame is a numpy uint8
 array of shape (H, W, 3), RGB. Model output (float, [-1, 1], channels first) is brought to
 that form by `frames_to_uint8`. Undecodable or oversized input raises ValueError so that the
-routes can turn it into a 4xx.
+routes can turn it into a 4xx. The MP4 encoder itself is model/media.py's (shared with the
+evaluation); `encode_mp4` here is that one.
 """
 
 from __future__ import annotations
 
 import collections
 import io
-import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import av
 import numpy as np
-from av.video.reformatter import Interpolation
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model.media import TO_YUV, check_frame, mp4_boxes
+from model.media import encode_mp4 as encode_mp4  # re-exported: the service's video.encode_mp4
 
 if TYPE_CHECKING:
     import torch
 
 MAX_PIXELS = 4096 * 4096  # default ceiling for user images and videos (decompression bombs)
-_CRF = "16"  # frames are tiny (64x64), so near-lossless quality costs only a few kilobytes
-# RGB -> yuv420p with AREA averages each 2x2 block for chroma, so pixel-art edges on the
-# 2x2 grid keep their colour (swscale's default bilinear bleeds ~5 levels across them).
-_TO_YUV = Interpolation.AREA
 
 
 @dataclass(frozen=True)
@@ -42,63 +40,14 @@ class VideoInfo:
     faststart: bool  # 'moov' precedes 'mdat': the browser can start playing before the end
 
 
-def _check_frame(frame: np.ndarray) -> np.ndarray:
-    frame = np.asarray(frame)
-    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-        raise ValueError(f"frame must be uint8 (H, W, 3) RGB, got {frame.dtype} {frame.shape}")
-    return frame
-
-
-# ---------------------------------------------------------------------------- MP4
-
-
-def encode_mp4(frames: Sequence[np.ndarray], fps: int, scale: int = 1) -> bytes:
-    """Encode RGB frames as a browser-safe MP4: H.264, yuv420p, even size, faststart."""
-    if len(frames) == 0:
-        raise ValueError("cannot encode an empty list of frames")
-    if fps <= 0 or scale < 1:
-        raise ValueError(f"fps must be > 0 and scale >= 1, got fps={fps} scale={scale}")
-    shape = _check_frame(frames[0]).shape
-    for i, f in enumerate(frames):
-        if _check_frame(f).shape != shape:
-            raise ValueError(f"frame {i} has shape {np.shape(f)}, frame 0 has {shape}")
-    h, w = shape[0] * scale, shape[1] * scale
-    pad_h, pad_w = h % 2, w % 2  # yuv420p subsamples chroma 2x2, so both sides must be even
-
-    buf = io.BytesIO()
-    time_base = Fraction(1, fps)
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w + pad_w, h + pad_h, "yuv420p"
-        stream.codec_context.time_base = time_base
-        # swscale converts RGB with the BT.601 matrix; say so, or players guess (often BT.709).
-        stream.options = {
-            "crf": _CRF,
-            "preset": "veryfast",
-            "x264-params": "colormatrix=smpte170m",
-        }
-        for i, f in enumerate(frames):
-            f = np.asarray(f)
-            if scale > 1:  # nearest neighbour keeps the pixel-art look of 64x64 frames
-                f = f.repeat(scale, axis=0).repeat(scale, axis=1)
-            if pad_h or pad_w:
-                f = np.pad(f, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
-            vf = vf.reformat(format="yuv420p", interpolation=_TO_YUV)
-            # One pts per frame in a 1/fps time base: constant rate, no drops or duplicates.
-            vf.pts, vf.time_base = i, time_base
-            container.mux(stream.encode(vf))
-        container.mux(stream.encode(None))  # flush the encoder's lookahead
-    # libavformat's own +faststart reopens the output by file name, which an in-memory
-    # buffer does not have, so the moov box is moved in Python instead.
-    return _faststart(buf.getvalue())
+# ---------------------------------------------------------------------------- video
 
 
 def encode_webm(frames: Sequence[np.ndarray], fps: int) -> bytes:
     """Encode RGB frames as WebM: VP9, yuv420p, even size (padded like encode_mp4)."""
     if len(frames) == 0 or fps <= 0:
         raise ValueError(f"need frames and fps > 0, got {len(frames)} frames at fps={fps}")
-    h, w = _check_frame(frames[0]).shape[:2]
+    h, w = check_frame(frames[0]).shape[:2]
     pad_h, pad_w = h % 2, w % 2
     buf = io.BytesIO()
     time_base = Fraction(1, fps)
@@ -108,9 +57,9 @@ def encode_webm(frames: Sequence[np.ndarray], fps: int) -> bytes:
         stream.codec_context.time_base = time_base
         stream.options = {"crf": "20", "b:v": "0"}  # constant quality, no bitrate cap
         for i, f in enumerate(frames):
-            f = np.pad(_check_frame(f), ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+            f = np.pad(check_frame(f), ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
-            vf = vf.reformat(format="yuv420p", interpolation=_TO_YUV)
+            vf = vf.reformat(format="yuv420p", interpolation=TO_YUV)
             vf.pts, vf.time_base = i, time_base
             container.mux(stream.encode(vf))
         container.mux(stream.encode(None))
@@ -121,63 +70,12 @@ def encode_gif(frames: Sequence[np.ndarray], fps: int) -> bytes:
     """Encode RGB frames as an endlessly looping GIF (a palette of up to 256 colours each)."""
     if len(frames) == 0 or fps <= 0:
         raise ValueError(f"need frames and fps > 0, got {len(frames)} frames at fps={fps}")
-    images = [Image.fromarray(_check_frame(f)) for f in frames]
+    images = [Image.fromarray(check_frame(f)) for f in frames]
     buf = io.BytesIO()
     # GIF delays are in hundredths of a second; Pillow rounds the millisecond duration.
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:],
                    duration=round(1000 / fps), loop=0, optimize=False)
     return buf.getvalue()
-
-
-def _boxes(data: bytes | bytearray, start: int, end: int) -> Iterator[tuple[bytes, int, int, int]]:
-    """Yield (type, box start, payload start, box end) for the ISO-BMFF boxes in [start, end)."""
-    pos = start
-    while pos + 8 <= end:
-        size, kind = struct.unpack_from(">I4s", data, pos)
-        header = 8
-        if size == 1:  # 64-bit "largesize" follows the type
-            if pos + 16 > end:
-                raise ValueError("truncated MP4 box header")
-            (size,) = struct.unpack_from(">Q", data, pos + 8)
-            header = 16
-        elif size == 0:  # box extends to the end of its parent
-            size = end - pos
-        if size < header or pos + size > end:
-            raise ValueError(f"corrupt MP4 box {kind!r} at offset {pos}")
-        yield kind, pos, pos + header, pos + size
-        pos += size
-
-
-def _shift_chunk_offsets(moov: bytearray, start: int, end: int, at: int, shift: int) -> None:
-    """Add `shift` to every stco/co64 chunk offset >= `at` inside moov[start:end], in place."""
-    for kind, _, body, stop in _boxes(moov, start, end):
-        if kind in (b"trak", b"mdia", b"minf", b"stbl"):
-            _shift_chunk_offsets(moov, body, stop, at, shift)
-        elif kind in (b"stco", b"co64"):
-            fmt = ">I" if kind == b"stco" else ">Q"
-            width = struct.calcsize(fmt)
-            (count,) = struct.unpack_from(">I", moov, body + 4)  # after version + flags
-            for p in range(body + 8, body + 8 + count * width, width):
-                (off,) = struct.unpack_from(fmt, moov, p)
-                if off >= at:
-                    struct.pack_into(fmt, moov, p, off + shift)
-
-
-def _faststart(data: bytes) -> bytes:
-    """Move the top-level 'moov' box in front of the first 'mdat', fixing chunk offsets."""
-    top = list(_boxes(data, 0, len(data)))
-    kinds = [b[0] for b in top]
-    if b"moov" not in kinds or b"mdat" not in kinds:
-        raise ValueError("MP4 has no moov or no mdat box")
-    i_moov, i_mdat = kinds.index(b"moov"), kinds.index(b"mdat")
-    if i_moov < i_mdat:
-        return data
-    _, m_start, _, m_end = top[i_moov]
-    moov = bytearray(data[m_start:m_end])
-    insert_at = top[i_mdat][1]
-    # Everything from insert_at on moves right by len(moov), media data included.
-    _shift_chunk_offsets(moov, 8, len(moov), insert_at, len(moov))
-    return data[:insert_at] + bytes(moov) + data[insert_at:m_start] + data[m_end:]
 
 
 def _reason(e: Exception) -> str:
@@ -207,7 +105,7 @@ def image_size(data: bytes) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.size
-    except Image.UnidentifiedImageError as e:
+    except UnidentifiedImageError as e:
         raise ValueError("input is not a decodable image: unknown or corrupt format") from e
     except (OSError, SyntaxError) as e:
         raise ValueError(f"input is not a decodable image: {e}") from e
@@ -254,7 +152,7 @@ def decode_video_tail(
 def probe_mp4(data: bytes) -> VideoInfo:
     """Describe an MP4: codec, pixel format, size, frame count, rate and box order."""
     try:
-        kinds = [kind for kind, *_ in _boxes(data, 0, len(data))]
+        kinds = [kind for kind, *_ in mp4_boxes(data, 0, len(data))]
     except ValueError as e:
         raise ValueError(f"input is not an MP4: {e}") from e
     if b"moov" not in kinds or b"mdat" not in kinds:
@@ -283,7 +181,7 @@ def probe_mp4(data: bytes) -> VideoInfo:
 def encode_png(frame: np.ndarray) -> bytes:
     """Lossless PNG of one RGB frame."""
     buf = io.BytesIO()
-    Image.fromarray(_check_frame(frame), mode="RGB").save(buf, format="PNG")
+    Image.fromarray(check_frame(frame), mode="RGB").save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -292,7 +190,7 @@ def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
     if not 1 <= quality <= 100:
         raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
     buf = io.BytesIO()
-    Image.fromarray(_check_frame(frame), mode="RGB").save(buf, format="JPEG", quality=quality)
+    Image.fromarray(check_frame(frame), mode="RGB").save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -309,7 +207,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             return np.asarray(upright.convert("RGB"), dtype=np.uint8).copy()
     except Image.DecompressionBombError as e:
         raise ValueError(f"image is too large: {e}") from e
-    except Image.UnidentifiedImageError as e:
+    except UnidentifiedImageError as e:
         raise ValueError("input is not a decodable image: unknown or corrupt format") from e
     except (OSError, SyntaxError) as e:
         raise ValueError(f"input is not a decodable image: {e}") from e
@@ -317,7 +215,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 def resize_frame(frame: np.ndarray, size: int) -> np.ndarray:
     """Center-crop to a square, then resize to size x size (bicubic, antialiased)."""
-    frame = _check_frame(frame)
+    frame = check_frame(frame)
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
     h, w = frame.shape[:2]

@@ -32,10 +32,11 @@ import redis
 import torch
 
 from model.bundle import Bundle, load_bundle
-from model.request import prepare
+from model.errors import FieldError
+from model.request import default_action, prepare
 from model.rollout import RolloutEngine, RolloutRequest, RolloutState
 from server import video
-from server.inputs import decode_stored_context
+from server.jobs import JobSpec
 from server.queue import ClaimedJob, JobStatus, Queue
 from server.settings import Settings
 
@@ -130,33 +131,30 @@ class Worker:
     # ------------------------------------------------------------------------- the parts
 
     def admit(self, job: ClaimedJob) -> Live | None:
-        """Rebuild the request from the stored params and start the rollout."""
+        """Start the job: its JobSpec, as the API stored it, becomes a live rollout."""
         if not self.queue.start(job, self.name):
             return None
-        poison = self.settings.test_crash_on_seed  # TEST ONLY (see Settings); None normally
-        if poison is not None and job.params.get("seed") == poison:
-            log.critical("TEST ONLY: DFSERVE_TEST_CRASH_ON_SEED matches job %s: exiting", job.id)
-            os._exit(1)  # a poison job, simulated: the process dies, the lease runs out
         try:
-            p = job.params
-            if p.get("model") != self.bundle.name:
-                raise ValueError(f"model: this worker serves {self.bundle.name!r}, "
-                                 f"not {p.get('model')!r}")
-            session = p.get("kind") == "session"
-            prepared = prepare(self.bundle.config, decode_stored_context(p["context"]),
-                               None if session else p["actions"], 1 if session else p["frames"],
-                               p["sampling"], p["seed"], p.get("context_actions"))
-            if session:  # validated now, started by its first action (feed_sessions)
-                self.engine.validate(prepared.request)
-                live = Live(job, None, int(p["fps"]), session=Session(prepared.request))
-            else:
-                live = Live(job, self.engine.start(prepared.request), int(p["fps"]))
+            live = self.live_job(job, JobSpec.from_params(job.params))
         except Exception as e:  # noqa: BLE001 - one bad job must not take the worker down
             self.fail(job, e)
             return None
         log.info("job %s started (%d frames, batch %d)", job.id, job.frames_total,
                  len(self.live) + 1)
         return live
+
+    def live_job(self, job: ClaimedJob, spec: JobSpec) -> Live:
+        """The job's rollout, started; a session's is checked now and started by its first
+        action (feed_sessions)."""
+        if spec.model != self.bundle.name:
+            raise FieldError("model", f"this worker serves {self.bundle.name!r}, "
+                             f"not {spec.model!r}")
+        config = self.bundle.config
+        if spec.kind == "session":
+            template = spec.request(config)
+            self.engine.validate(replace(template, actions=(default_action(config),)))
+            return Live(job, None, spec.fps, session=Session(template))
+        return Live(job, self.engine.start(spec.request(config)), spec.fps)
 
     def step(self) -> None:
         """One denoising row for every live rollout, in one batched forward."""

@@ -1,7 +1,9 @@
-"""Shared fixtures: a small randomly initialised bundle (never shipped as "the model")."""
+"""Shared fixtures: a small randomly initialised bundle (never shipped as "the model"), and
+one torch thread for the modules that run it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +40,16 @@ def tiny_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_bundle_dir: Path):
     return load_bundle(tiny_bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`).
+
+    Small models on a shared 2-core machine: intra-op threads spin against each other and
+    other jobs (20-50x slower here), and one thread keeps every reduction order fixed for the
+    bit-exact comparisons."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -84,7 +84,8 @@ class RandomRunPolicy:
     @property
     def probs(self) -> np.ndarray:
         p = np.array([self.weights[a] for a in CRAFTER_ACTIONS], dtype=np.float64)
-        return p / p.sum()
+        probs: np.ndarray = p / p.sum()  # numpy types an ndarray's sum (a scalar) as Any
+        return probs
 
     def actions(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """n action ids (int64), runs of one action with geometric lengths."""
@@ -102,7 +103,7 @@ class RandomRunPolicy:
                 "run_length": "geometric"}
 
 
-class DeterministicEnv(crafter.Env):
+class DeterministicEnv(crafter.Env):  # type: ignore[misc]  # crafter ships no type hints
     """crafter.Env made reproducible: same seed and actions give the same frames.
 
     Crafter 1.8.3 keeps each chunk's objects in a ``set`` hashed by memory address, and

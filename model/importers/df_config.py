@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from model.config import (
     BundleConfig,
@@ -85,7 +85,7 @@ def load_df_config(name_or_path: str) -> dict[str, Any]:
     if not isinstance(doc, dict) or not {"algorithm", "dataset"} <= set(doc):
         raise ValueError(f"--config: {path} needs `algorithm` and `dataset` sections "
                          "(a run's .hydra/config.yaml)")  # fmt: skip
-    return _resolve(doc, doc)
+    return cast(dict[str, Any], _resolve(doc, doc))  # a dict resolves to a dict
 
 
 def _resolve(node: Any, root: dict[str, Any]) -> Any:

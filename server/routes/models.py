@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.routes.deps import ApiError, Catalog, CatalogDep
+from server.catalog import Catalog
+from server.errors import ApiError
+from server.routes.deps import CatalogDep
 from server.schemas import ErrorBody, ModelInfo, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"])

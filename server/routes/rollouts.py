@@ -2,7 +2,7 @@
 
 Route functions that only call the synchronous Queue are sync (FastAPI runs them in its
 threadpool). POST is async because it reads a JSON or multipart body itself; its decoding and
-validation (images, torch ops in prepare) then run in the threadpool. The WebSocket reads
+validation (images, model.request.resolve) then run in the threadpool. The WebSocket reads
 frames from Redis (queue.events), never from a worker's memory, and waits for news on the
 process's one event hub (server/streams.py), which holds no thread or connection per socket.
 """
@@ -12,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
-from collections.abc import Sequence
-from dataclasses import asdict
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
@@ -24,27 +21,25 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.websockets import WebSocketDisconnect
 
-from model.bundle import action_index
-from model.request import SAMPLING_FIELDS, prepare
 from server import video
-from server.inputs import InputError, Upload, decode_context, encode_context
-from server.queue import Event, Job, JobStatus, Queue, QueueFull, events_cursor
+from server.catalog import Catalog
+from server.errors import ApiError, clip, validation_error
+from server.inputs import Upload, decode_context
+from server.jobs import enqueue, job_notes, job_spec, shown_params
+from server.queue import Event, Job, JobStatus, Queue
 from server.routes.deps import (
-    ApiError,
-    Catalog,
     CatalogDep,
     HubDep,
+    OwnedJobDep,
     OwnerDep,
     QueueDep,
     SettingsDep,
-    accepted_values,
-    check_owner,
-    clip,
-    queue_full,
-    value_error,
+    job_not_found,
+    visible_job,
 )
 from server.schemas import (
     ErrorBody,
+    JobState,
     Links,
     Progress,
     RolloutCreated,
@@ -55,15 +50,11 @@ from server.schemas import (
     RolloutSummary,
 )
 from server.settings import Settings
-from server.streams import EventHub
+from server.streams import pump_events
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 
-MAX_FPS = 120
-STREAM_POLL_S = 1.0  # a quiet stream wakes this often (to see its client has left)
-STREAM_CHECK_S = 30.0  # and checks this often that its job still exists (jobs expire)
-STREAM_COUNT = 64  # events per read (frames carry their PNGs)
 FILE_FIELDS = ["files", "context", "context_video"]  # multipart file fields
 MAX_PAGE = 100  # GET /v1/rollouts: most jobs per page
 WAIT_POLL_S = 0.05  # ?wait=true: how often the job and the client's connection are checked
@@ -89,69 +80,33 @@ def links(job_id: str) -> Links:
                  frames=f"{base}/frames/{{i}}")
 
 
-def _not_found(job_id: str) -> ApiError:
-    return ApiError(404, "id", f"no rollout {job_id!r} (unknown, or expired after the job TTL)")
-
-
-def _own_job(queue: Queue, job_id: str, owner: str | None) -> Job:
-    """The job, if it exists and the caller may see it (404 / 403 otherwise)."""
-    job = queue.get(job_id)
-    if job is None:
-        raise _not_found(job_id)
-    check_owner(job.owner, owner, job_id)
-    return job
-
-
-def _notes(job: Job) -> list[str]:
-    return [*job.params.get("notes", []), *job.notes]
-
-
-def effective_params(params: dict[str, Any], action_names: Sequence[str] = ()) -> dict[str, Any]:
-    """The stored job params as the client sees them: the context as a count, not pixels, and
-    actions by name when the model names them (the queue stores indices)."""
-    view = {k: v for k, v in params.items() if k not in ("context", "sampling", "notes")}
-    for key in ("actions", "context_actions"):
-        if action_names and view.get(key):
-            view[key] = [action_names[a] if 0 <= a < len(action_names) else a
-                         for a in view[key]]  # fmt: skip
-    return {**view, "context_frames": len(params.get("context", [])),
-            **params.get("sampling", {})}
-
-
 def shown_status(job: Job, cancelling: bool) -> RolloutState:
     """The status the API shows: a running job whose cancel flag is set is "cancelling"."""
     if cancelling and job.status is JobStatus.running:
         return "cancelling"
-    return cast(RolloutState, job.status.value)
+    return job.status.value
 
 
-def status_doc(job: Job, action_names: Sequence[str] = (), cancelling: bool = False
-               ) -> RolloutStatus:
-    return RolloutStatus(
+def job_state(job: Job, cancelling: bool) -> JobState:
+    return JobState(
         id=job.id, status=shown_status(job, cancelling),
         progress=Progress(frames_done=job.frames_done, frames_total=job.frames_total),
         queue_position=job.queue_position, created_at=job.created_at,
         started_at=job.started_at, finished_at=job.finished_at, error=job.error,
-        worker=job.worker, params=effective_params(job.params, action_names),
-        notes=_notes(job), links=links(job.id),
     )  # fmt: skip
-
-
-def _status(job: Job, queue: Queue, catalog: Catalog) -> RolloutStatus:
-    config = catalog.configs.get(job.params.get("model", ""))
-    names = config.data.action_names if config is not None else ()
-    cancelling = job.status is JobStatus.running and queue.is_cancelled(job.id)
-    return status_doc(job, names, cancelling)
 
 
 def summary(job: Job, cancelling: bool) -> RolloutSummary:
-    return RolloutSummary(
-        id=job.id, status=shown_status(job, cancelling),
-        progress=Progress(frames_done=job.frames_done, frames_total=job.frames_total),
-        queue_position=job.queue_position, created_at=job.created_at,
-        started_at=job.started_at, finished_at=job.finished_at, error=job.error,
-        links=links(job.id),
-    )  # fmt: skip
+    return RolloutSummary(**dict(job_state(job, cancelling)), links=links(job.id))
+
+
+def status_doc(job: Job, queue: Queue, catalog: Catalog) -> RolloutStatus:
+    """The job in full: its state, worker, effective parameters, notes and links."""
+    cancelling = job.status is JobStatus.running and queue.is_cancelled(job.id)
+    names = catalog.action_names(job.params.get("model", ""))
+    return RolloutStatus(**dict(job_state(job, cancelling)), worker=job.worker,
+                         params=shown_params(job.params, names), notes=job_notes(job),
+                         links=links(job.id))
 
 
 # ------------------------------------------------------------------------------- submit
@@ -215,31 +170,14 @@ def _parse(raw: str | bytes, whole: str | None = None) -> RolloutParams:
     """The params; an error about the document as a whole (not JSON, not an object) names
     `whole`, the multipart field it came in."""
     try:
-        return RolloutParams.model_validate_json(raw or b"{}")
+        # annotated: RolloutParams's base is generated (create_model), so mypy sees Any
+        params: RolloutParams = RolloutParams.model_validate_json(raw or b"{}")
+        return params
     except ValidationError as e:
-        err = validation_error(e.errors(include_url=False))
+        err = validation_error(e.errors(include_url=False), RolloutParams)
         if err.field is None:
             err.field = whole
         raise err from None
-
-
-def validation_error(errors: Any) -> ApiError:
-    """pydantic/FastAPI validation errors -> the API's error shape, naming the first field."""
-    errors = list(errors)
-    first: dict[str, Any] = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
-    # Union members add their type name to loc (actions.0.int); drop those.
-    loc = [p for p in loc if p not in ("int", "str", "float", "bool", "list[str]")]
-    field = ".".join(loc) or None
-    accepted = None
-    if first.get("type") == "extra_forbidden":
-        accepted = sorted(RolloutParams.model_fields)
-        message = "unknown field"
-    elif first.get("type") == "json_invalid":
-        message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
-    else:
-        message = f"{first.get('msg')} (got {first.get('input')!r})"[:500]
-    return ApiError(422, field, message, accepted)
 
 
 def _submit(params: RolloutParams, files: list[Upload], settings: Settings, queue: Queue,
@@ -247,52 +185,14 @@ def _submit(params: RolloutParams, files: list[Upload], settings: Settings, queu
             owner: str | None = None) -> tuple[Job, list[str]]:
     model_id, config = catalog.config(params.model)
     _check_limits(params, files, settings)
-    try:
-        ctx = decode_context(
-            config, context=params.context, context_video=params.context_video,
-            example=params.example, files=files, examples=lambda: catalog.examples(model_id),
-            max_pixels=settings.max_image_pixels,
-            max_request_pixels=settings.max_request_pixels)  # fmt: skip
-        # A random seed when none is given, stored with the job: a re-run after a crash, or a
-        # client reading the effective params, reproduces the same frames.
-        seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
-        for a in params.context_actions or []:  # model/ reports these as "actions"
-            try:
-                action_index(config, a)
-            except ValueError as e:
-                raise InputError("context_actions", str(e).partition(": ")[2],
-                                 accepted_values("actions", config)) from None
-        prepared = prepare(
-            config, ctx.frames,
-            actions=params.actions if params.actions is not None else ctx.actions,
-            frames=params.frames,
-            sampling={k: getattr(params, k) for k in SAMPLING_FIELDS},
-            seed=seed,
-            context_actions=(params.context_actions if params.context_actions is not None
-                             else ctx.context_actions),
-            max_frames=settings.max_frames)  # fmt: skip
-    except ValueError as e:
-        raise value_error(e, config) from None
-    fps = config.data.fps if params.fps is None else params.fps
-    if not 1 <= fps <= MAX_FPS:
-        raise ApiError(422, "fps", f"{fps} is outside [1, {MAX_FPS}]")
-    req = prepared.request
-    stored = {
-        "model": model_id,
-        "context": encode_context(ctx.frames[-len(req.context):]),  # trimmed as prepare did
-        "context_actions": list(req.context_actions) if req.context_actions else None,
-        "actions": list(req.actions),
-        "frames": req.frames,
-        "sampling": asdict(req.sampling),
-        "seed": req.seed,
-        "fps": fps,
-        "notes": list(prepared.notes),
-    }
-    try:
-        job = queue.submit(stored, req.frames, owner=owner, idempotency_key=idempotency_key)
-    except QueueFull as e:
-        raise queue_full(queue, e) from None
-    return job, _notes(job)
+    ctx = decode_context(
+        config, context=params.context, context_video=params.context_video,
+        example=params.example, files=files, examples=lambda: catalog.examples(model_id),
+        max_pixels=settings.max_image_pixels,
+        max_request_pixels=settings.max_request_pixels)  # fmt: skip
+    spec = job_spec(params, model_id, config, ctx, settings.max_frames)
+    job = enqueue(queue, spec, owner, idempotency_key)
+    return job, job_notes(job)
 
 
 def _check_limits(params: RolloutParams, files: list[Upload], settings: Settings) -> None:
@@ -343,52 +243,44 @@ def list_rollouts(
 
 
 @router.get("/{rollout_id}", response_model=RolloutStatus, responses=ERRORS)
-def get_rollout(rollout_id: str, queue: QueueDep, catalog: CatalogDep,
-                owner: OwnerDep) -> RolloutStatus:
-    return _status(_own_job(queue, rollout_id, owner), queue, catalog)
+def get_rollout(job: OwnedJobDep, queue: QueueDep, catalog: CatalogDep) -> RolloutStatus:
+    return status_doc(job, queue, catalog)
 
 
 @router.delete("/{rollout_id}", response_model=RolloutStatus, responses=ERRORS)
-def cancel_rollout(rollout_id: str, queue: QueueDep, catalog: CatalogDep,
-                   owner: OwnerDep) -> RolloutStatus:
+def cancel_rollout(job: OwnedJobDep, queue: QueueDep, catalog: CatalogDep) -> RolloutStatus:
     """Cancel: a queued job never runs; a running one stops within one denoising row (it
     shows as "cancelling" until then)."""
-    _own_job(queue, rollout_id, owner)
-    job = queue.cancel(rollout_id)
-    if job is None:
-        raise _not_found(rollout_id)
-    return _status(job, queue, catalog)
+    cancelled = queue.cancel(job.id)
+    if cancelled is None:
+        raise job_not_found(job.id)
+    return status_doc(cancelled, queue, catalog)
 
 
 @router.get("/{rollout_id}/video", response_class=Response,
             responses={**ERRORS, 200: {"content": {"video/mp4": {}}}})
-def get_video(rollout_id: str, queue: QueueDep, owner: OwnerDep) -> Response:
+def get_video(job: OwnedJobDep, queue: QueueDep) -> Response:
     """The MP4 (H.264, yuv420p, faststart); 409 while the job is not finished."""
-    job = _own_job(queue, rollout_id, owner)
     if job.status is not JobStatus.succeeded:
         what = (f"{job.frames_done}/{job.frames_total} frames" if not job.status.terminal
                 else job.error or "no video")
         raise ApiError(409, None, f"the video is not available: the rollout is "
                        f"{job.status.value} ({what})", headers={"Retry-After": "1"})
-    mp4 = queue.video(rollout_id)
+    mp4 = queue.video(job.id)
     if mp4 is None:
         raise ApiError(404, "id", "the video has expired")
     return Response(mp4, media_type="video/mp4",
-                    headers={"Content-Disposition": f'inline; filename="{rollout_id}.mp4"'})
+                    headers={"Content-Disposition": f'inline; filename="{job.id}.mp4"'})
 
 
 @router.get("/{rollout_id}/frames/{index}", response_class=Response,
             responses={**ERRORS, 200: {"content": {"image/png": {}}}})
-def get_frame(rollout_id: str, index: int, queue: QueueDep, owner: OwnerDep) -> Response:
+def get_frame(rollout_id: str, index: int, job: OwnedJobDep, queue: QueueDep) -> Response:
     """One generated frame as PNG, as soon as it is clean."""
-    if owner is not None:
-        _own_job(queue, rollout_id, owner)
+    # (rollout_id is OwnedJobDep's too: named here first, the document lists it first)
     png = queue.frame_png(rollout_id, index)
     if png is not None:
         return Response(png, media_type="image/png")
-    job = queue.get(rollout_id)
-    if job is None:
-        raise _not_found(rollout_id)
     if not 0 <= index < job.frames_total:
         raise ApiError(404, "index", f"{index} is out of range", f"0..{job.frames_total - 1}")
     raise ApiError(409, "index", f"frame {index} is not generated (the rollout is "
@@ -417,36 +309,40 @@ async def stream(
     (no such job), 4403 (another key's job) or 1008 (a bad `after` or `format`)."""
     await ws.accept()
     job = await run_in_threadpool(queue.get, rollout_id)
-    refusal = _refusal(job, rollout_id, owner, after, fmt)
-    if refusal is not None:
-        err, code = refusal
+    try:
+        job = visible_job(job, rollout_id, owner)
+        _check_stream_query(after, fmt)
+    except ApiError as err:
         await ws.send_json({"type": "error", **err.body()})
-        await ws.close(code=code)
+        await ws.close(code=REFUSAL_CODES.get(err.status, 1008))
         return
-    assert job is not None
     gone = asyncio.Event()
     watcher = asyncio.create_task(_watch_disconnect(ws, gone))
+    # `done` follows the last frame: a cursor past the frames would wait for events that
+    # never come (after >= frames_total of a finished job), so start at the last frame.
+    start = min(int(after), max(job.frames_total, job.frames_done) - 1)
+
+    async def deliver(ev: Event) -> bool:
+        return await _send_event(ws, ev, fmt, job.frames_total)
+
     try:
-        await _pump(ws, queue, hub, job, int(after), fmt, gone)
+        await pump_events(queue, hub, job, start, ws.send_json, deliver,
+                          {"type": "error", **job_not_found(job.id).body()}, gone)
     except (WebSocketDisconnect, RuntimeError):  # the client left mid-send
         pass
     finally:
         watcher.cancel()
 
 
-def _refusal(job: Job | None, job_id: str, owner: str | None, after: str, fmt: str
-             ) -> tuple[ApiError, int] | None:
-    """Why a stream request is refused, with its close code; None when it is fine."""
-    if job is None:
-        return _not_found(job_id), 4404
-    if owner is not None and job.owner != owner:
-        return ApiError(403, "id", f"rollout {job_id!r} belongs to another API key"), 4403
+REFUSAL_CODES = {404: 4404, 403: 4403}  # a stream's close code per refusal; else 1008
+
+
+def _check_stream_query(after: str, fmt: str) -> None:
     if not _is_index(after):
-        return ApiError(422, "after", f"{clip(after)!r} is not a frame index: an integer "
-                        ">= -1 (the last frame already seen)"), 1008  # fmt: skip
+        raise ApiError(422, "after", f"{clip(after)!r} is not a frame index: an integer "
+                       ">= -1 (the last frame already seen)")  # fmt: skip
     if fmt not in ("jpeg", "png"):
-        return ApiError(422, "format", f"{clip(fmt)!r} is not supported", ["jpeg", "png"]), 1008
-    return None
+        raise ApiError(422, "format", f"{clip(fmt)!r} is not supported", ["jpeg", "png"])
 
 
 def _is_index(text: str) -> bool:
@@ -460,39 +356,6 @@ async def _watch_disconnect(ws: WebSocket, gone: asyncio.Event) -> None:
             pass  # clients have nothing to say on this socket
     finally:
         gone.set()
-
-
-async def _pump(ws: WebSocket, queue: Queue, hub: EventHub, job: Job, after: int, fmt: str,
-                gone: asyncio.Event) -> None:
-    total, position = job.frames_total, job.queue_position
-    # `done` follows the last frame: a cursor past the frames would wait for events that
-    # never come (after >= frames_total of a finished job), so start at the last frame.
-    after = min(after, max(job.frames_total, job.frames_done) - 1)
-    if job.status is JobStatus.queued:
-        await ws.send_json({"type": "queued", "position": position})
-    loop = asyncio.get_running_loop()
-    check_at = loop.time() + STREAM_CHECK_S
-    with hub.subscribe(job.id, events_cursor(after)) as sub:
-        while not gone.is_set():
-            mark = sub.reports
-            events = await run_in_threadpool(queue.events, job.id, after, 0, sub.cursor,
-                                             STREAM_COUNT)
-            # Nothing new: wait for the hub's news without reading again. Meanwhile tell a
-            # queued client where it stands (the hub reads every watched job's position at
-            # once), and now and then check that the job has not expired.
-            while not events and not gone.is_set() and not await sub.wait(mark, STREAM_POLL_S):
-                if sub.positioned and sub.position is not None and sub.position != position:
-                    position = sub.position
-                    await ws.send_json({"type": "queued", "position": position})
-                if loop.time() >= check_at:
-                    check_at = loop.time() + STREAM_CHECK_S
-                    if not (await run_in_threadpool(queue.standing, job.id))[0]:
-                        await ws.send_json({"type": "error", **_not_found(job.id).body()})
-                        return
-            for ev in events:
-                sub.cursor = ev.id
-                if await _send_event(ws, ev, fmt, total):
-                    return
 
 
 async def _send_event(ws: WebSocket, ev: Event, fmt: str, total: int) -> bool:

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 from dataclasses import asdict
 from typing import Any
 
@@ -41,30 +40,17 @@ from starlette.websockets import WebSocketDisconnect
 
 from model.bundle import action_index
 from model.config import BundleConfig
-from model.request import SAMPLING_FIELDS, prepare
+from model.errors import FieldError
 from server import video
-from server.inputs import decode_context, encode_context
-from server.queue import Event, Job, JobStatus, Queue, QueueFull, events_cursor
-from server.routes.deps import (
-    ApiError,
-    Catalog,
-    CatalogDep,
-    HubDep,
-    OwnerDep,
-    QueueDep,
-    SettingsDep,
-    queue_full,
-    value_error,
-)
-from server.routes.rollouts import (
-    STREAM_CHECK_S,
-    STREAM_COUNT,
-    STREAM_POLL_S,
-    validation_error,
-)
+from server.catalog import Catalog
+from server.errors import ApiError, field_error, validation_error
+from server.inputs import decode_context
+from server.jobs import JobSpec, enqueue, job_spec
+from server.queue import Event, Job, Queue
+from server.routes.deps import CatalogDep, HubDep, OwnerDep, QueueDep, SettingsDep
 from server.schemas import SessionStart
 from server.settings import Settings
-from server.streams import EventHub
+from server.streams import EventHub, pump_events
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -142,11 +128,10 @@ async def session(ws: WebSocket, settings: SettingsDep, queue: QueueDep, hub: Hu
 
 def _parse_start(raw: str) -> SessionStart:
     try:
-        start = SessionStart.model_validate_json(raw)
+        # annotated: SessionStart's base is generated (create_model), so mypy sees Any
+        start: SessionStart = SessionStart.model_validate_json(raw)
     except ValidationError as e:
-        err = validation_error(e.errors(include_url=False))
-        if err.message == "unknown field":
-            err.accepted = sorted(SessionStart.model_fields)
+        err = validation_error(e.errors(include_url=False), SessionStart)
         if err.field == "type":
             err = ApiError(422, "type", "the first message must be a start message", ["start"])
         raise err from None
@@ -157,7 +142,7 @@ def _parse_start(raw: str) -> SessionStart:
 
 def _open(start: SessionStart, settings: Settings, queue: Queue, catalog: Catalog,
           owner: str | None) -> tuple[Job, BundleConfig, dict[str, Any], bytes]:
-    """Validate the start message as the worker will (prepare), queue the session job."""
+    """Check the start message as the worker will run it, queue the session's job."""
     model_id, config = catalog.config(start.model)
     try:
         ctx = decode_context(
@@ -165,63 +150,29 @@ def _open(start: SessionStart, settings: Settings, queue: Queue, catalog: Catalo
             example=start.example, examples=lambda: catalog.examples(model_id),
             max_pixels=settings.max_image_pixels,
             max_request_pixels=settings.max_request_pixels)  # fmt: skip
-        sampling = {k: getattr(start, k) for k in SAMPLING_FIELDS}
-        if sampling.get("chunk_size") is None:
-            sampling["chunk_size"] = 1  # answer every action at once
-        seed = start.seed if start.seed is not None else secrets.randbelow(2**32)
-        context_actions = (start.context_actions if start.context_actions is not None
-                           else ctx.context_actions)
-        req = prepare(config, ctx.frames, None, 1, sampling, seed, context_actions).request
-    except ValueError as e:
-        raise value_error(e, config) from None
-    context = ctx.frames[-len(req.context):]  # trimmed as prepare did
-    stored = {
-        "model": model_id,
-        "context": encode_context(context),
-        "context_actions": list(req.context_actions) if req.context_actions else None,
-        "actions": [],
-        "frames": 0,
-        "sampling": asdict(req.sampling),
-        "seed": req.seed,
-        "fps": config.data.fps,
-    }
-    try:
-        job = queue.submit_session(stored, owner)  # only its key may read its job
-    except QueueFull as e:
-        raise queue_full(queue, e) from None
-    ready = {"type": "ready", "session": job.id, "model": model_id, "fps": config.data.fps,
-             "actions": list(config.data.action_names), "context_frames": len(context),
-             "resolution": config.network.resolution, "format": start.format,
-             "seed": req.seed, "sampling": asdict(req.sampling)}
-    return job, config, ready, video.encode_png(context[-1])
+        spec = job_spec(start, model_id, config, ctx, settings.max_frames)
+    except FieldError as e:
+        raise field_error(e) from None
+    job = enqueue(queue, spec, owner)  # only its key may read its job
+    return job, config, _ready(spec, job, config, start.format), spec.context[-1]
+
+
+def _ready(spec: JobSpec, job: Job, config: BundleConfig, fmt: str) -> dict[str, Any]:
+    """The `ready` message, sent when a worker has taken the session."""
+    return {"type": "ready", "session": job.id, "model": spec.model, "fps": spec.fps,
+            "actions": list(config.data.action_names), "context_frames": len(spec.context),
+            "resolution": config.network.resolution, "format": fmt, "seed": spec.seed,
+            "sampling": asdict(spec.sampling)}
 
 
 async def _pump(conn: _Conn, ready: dict[str, Any], context_png: bytes) -> None:
     """Events from Redis -> the client: queued positions, ready + context, frames, done."""
-    queue, job_id = conn.queue, conn.job.id
-    position = conn.job.queue_position
-    if conn.job.status is JobStatus.queued:
-        await conn.send({"type": "queued", "position": position})
-    loop = asyncio.get_running_loop()
-    check_at = loop.time() + STREAM_CHECK_S
-    with conn.hub.subscribe(job_id, events_cursor(-1)) as sub:
-        while True:
-            mark = sub.reports
-            events = await run_in_threadpool(queue.events, job_id, -1, 0, sub.cursor,
-                                             STREAM_COUNT)
-            while not events and not await sub.wait(mark, STREAM_POLL_S):  # as rollouts'
-                if sub.positioned and sub.position is not None and sub.position != position:
-                    position = sub.position
-                    await conn.send({"type": "queued", "position": position})
-                if loop.time() >= check_at:
-                    check_at = loop.time() + STREAM_CHECK_S
-                    if not (await run_in_threadpool(queue.standing, job_id))[0]:
-                        await conn.error(ApiError(404, "session", "the session has expired"))
-                        return
-            for ev in events:
-                sub.cursor = ev.id
-                if await _send_event(conn, ev, ready, context_png):
-                    return
+    async def deliver(ev: Event) -> bool:
+        return await _send_event(conn, ev, ready, context_png)
+
+    expired = ApiError(404, "session", "the session has expired")
+    await pump_events(conn.queue, conn.hub, conn.job, -1, conn.send, deliver,
+                      {"type": "error", "status": expired.status, **expired.body()})
 
 
 async def _send_event(conn: _Conn, ev: Event, ready: dict[str, Any], context_png: bytes
@@ -316,7 +267,6 @@ def _actions(doc: dict[str, Any], config: BundleConfig) -> list[int]:
             raise ApiError(422, name, f"a {type(a).__name__} is not an action name or index",
                            list(config.data.action_names))
     try:
-        return [action_index(config, a) for a in given]
-    except ValueError as e:
-        err = value_error(e, config)
-        raise ApiError(422, name, err.message, err.accepted) from None
+        return [action_index(config, a, name) for a in given]
+    except FieldError as e:
+        raise field_error(e) from None

@@ -28,7 +28,7 @@ from clients import (
     SessionEnded,
     Unauthorized,
 )
-from clients.client import Rollout
+from clients.client import Progress, Rollout, RolloutStatus
 from model.bundle import find_bundles
 from server import video
 from tests.clients.conftest import Server
@@ -56,9 +56,9 @@ def test_models(client: Client) -> None:
 def test_rollout_wait_video(client: Client) -> None:
     r = client.rollout(example="random", frames=12, seed=1, steps=2)
     doc = r.wait(timeout=120)
-    assert doc["status"] == "succeeded" and doc["progress"] == {"frames_done": 12,
-                                                                "frames_total": 12}
-    assert doc["params"]["seed"] == 1 and doc["params"]["steps"] == 2
+    assert doc.status == "succeeded" and doc.progress == Progress(frames_done=12,
+                                                                  frames_total=12)
+    assert doc.params["seed"] == 1 and doc.params["steps"] == 2 and doc.finished
     frames = video.decode_video(r.video())
     assert len(frames) == 12 and frames[0].shape == (16, 16, 3)
 
@@ -98,12 +98,8 @@ def test_a_dropped_stream_resumes_after_the_last_frame(client: Client, monkeypat
         def __init__(self, ws: Any) -> None:
             self.ws, self.images = ws, 0
 
-        def __enter__(self) -> Flaky:
-            self.ws.__enter__()
-            return self
-
-        def __exit__(self, *exc: Any) -> None:
-            self.ws.__exit__(*exc)
+        def close(self) -> None:
+            self.ws.close()
 
         def recv(self, timeout: float | None = None) -> Any:
             if self.images == 3:
@@ -126,18 +122,18 @@ def test_cancel(client: Client) -> None:
     r = client.rollout(example="random", frames=500, seed=4, steps=8)
     events = r.events()
     assert next(ev for ev in events if ev["type"] == "frame")["index"] == 0
-    assert r.cancel()["status"] in ("cancelling", "cancelled")  # under way, or already done
+    assert r.cancel().status in ("cancelling", "cancelled")  # under way, or already done
     rest = [ev for ev in events if ev["type"] != "frame"]
     assert rest[-1]["type"] == "done" and rest[-1]["status"] == "cancelled"
     doc = r.wait(timeout=30)
-    assert doc["status"] == "cancelled" and doc["progress"]["frames_done"] < 500
+    assert doc.status == "cancelled" and doc.progress.frames_done < 500
     with pytest.raises(Conflict) as e:
         r.video()
     assert e.value.status == 409
 
 
 def test_session_steps(client: Client, server: Server) -> None:
-    actions = ["left", "up", "up", "right", 0, "left"]
+    actions: list[str | int] = ["left", "up", "up", "right", 0, "left"]
     with client.session(example="random", seed=7, steps=3) as s:
         assert s.actions == ["noop", "left", "right", "up"] and s.fps == 8
         assert s.ready["context_frames"] == 2 and s.ready["sampling"]["chunk_size"] == 1
@@ -145,7 +141,7 @@ def test_session_steps(client: Client, server: Server) -> None:
         first = [s.step(a) for a in actions[:3]] + s.step(actions[3:])
         assert len(first) == 6 and s.frames_received == 6
         session_id = s.id
-    assert Rollout(client, {"id": session_id}).status()["status"] == "cancelled"
+    assert Rollout(client, {"id": session_id}).status().status == "cancelled"
     with client.session(example="random", seed=7, steps=3) as s:  # same seed, same frames
         again = s.step(actions)
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
@@ -171,14 +167,19 @@ def test_session_errors_and_endings(client: Client, server: Server) -> None:
     s.ws.close()
     job = Rollout(client, {"id": s.id})
     deadline = time.monotonic() + 10
-    while job.status()["status"] != "cancelled":
-        assert time.monotonic() < deadline, job.doc
+    while job.status().status != "cancelled":
+        assert time.monotonic() < deadline, job.last
         time.sleep(0.1)
-    assert client.rollout(example="random", frames=2).wait(60)["status"] == "succeeded"
-    # An idle session ends by itself (DFSERVE_SESSION_IDLE_S=6 on the test server).
+    assert client.rollout(example="random", frames=2).wait(60).status == "succeeded"
+    # An idle session ends by itself (DFSERVE_SESSION_IDLE_S=6 on the test server): wait for
+    # the server to end it, not for a fixed time.
     s = client.session(example="random")
     s.step("up")
-    time.sleep(7)
+    job = Rollout(client, {"id": s.id})
+    deadline = time.monotonic() + 60
+    while job.status().status != "cancelled":
+        assert time.monotonic() < deadline, job.last
+        time.sleep(0.1)
     with pytest.raises(SessionEnded) as ended:
         s.step("up")
     assert ended.value.body["status"] == "cancelled" and "idle" in str(ended.value)
@@ -209,7 +210,7 @@ def test_retry_on_429_honours_retry_after(client: Client, server: Server) -> Non
     next(stream)  # it runs
     stream.close()
     queued = client.rollout(example="random", frames=2)
-    assert queued.status()["status"] == "queued"
+    assert queued.status().status == "queued"
     with Client(server.url, retries=0) as impatient, pytest.raises(QueueFull) as full:
         impatient.rollout(example="random", frames=2)
     # the soonest finish of the running job at its pace so far, within the server's bounds
@@ -226,7 +227,7 @@ def test_retry_on_429_honours_retry_after(client: Client, server: Server) -> Non
         third = patient.rollout(example="random", frames=2)
         assert len(slept) == 1 and slept[0] >= 1  # Retry-After (>= 1 s) beats the 0.1 s backoff
         running.cancel()
-        assert third.wait(60)["status"] == "succeeded"
+        assert third.wait(60).status == "succeeded"
 
 
 def test_backoff_auth_and_server_errors_with_a_fake_transport() -> None:
@@ -258,6 +259,30 @@ def test_backoff_auth_and_server_errors_with_a_fake_transport() -> None:
                 pytest.raises(cls) as e:
             c.models()
         assert e.value.status == code
+
+
+def test_status_is_a_frozen_dataclass_on_both_clients() -> None:
+    doc = {"id": "abc", "status": "running", "progress": {"frames_done": 2, "frames_total": 8},
+           "queue_position": None, "created_at": 1.0, "started_at": 2.0, "finished_at": None,
+           "error": None, "worker": "w1", "params": {"seed": 3}, "notes": ["n"],
+           "links": {"self": "/v1/rollouts/abc"}, "a_field_of_a_newer_server": 1}
+
+    def transport() -> httpx.MockTransport:
+        return httpx.MockTransport(lambda request: httpx.Response(200, json=doc))
+
+    with Client("http://fake", transport=transport()) as c:
+        status = c.get("abc").status()
+    assert isinstance(status, RolloutStatus) and not status.finished
+    assert status.progress == Progress(2, 8) and status.notes == ("n",)
+    assert status.params == {"seed": 3} and status.worker == "w1"
+    with pytest.raises(AttributeError):
+        status.status = "cancelled"  # type: ignore[misc]
+
+    async def async_status() -> RolloutStatus:
+        async with AsyncClient("http://fake", transport=transport()) as c:
+            return await (await c.get("abc")).status()
+
+    assert asyncio.run(async_status()) == status
 
 
 def test_async_client(server: Server) -> None:

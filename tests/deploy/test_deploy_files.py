@@ -323,7 +323,7 @@ def test_healthcheck_script_is_plain_python() -> None:
                 for alias in node.names}  # fmt: skip
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported & {"torch", "model", "model.bundle", "server.settings"} == set(), imported
-    assert "server.queue" in imported  # the Redis knowledge stays in server/queue.py
+    assert "server.queue" in imported  # the Redis knowledge stays in server/queue/
 
 
 # ---------------------------------------------------------------------------- docs

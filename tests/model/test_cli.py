@@ -14,8 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from model.config import SamplingConfig, sampling_types
 from server.app import create_app
+from server.cli import build_parser
 from server.queue import Queue
+from server.rollout_cli import sampling_overrides
 from server.settings import Settings
 from server.video import decode_video, probe_mp4
 
@@ -47,7 +50,8 @@ def test_rollout_local_to_a_folder_writes_one_png_per_frame(tiny_bundle_dir, tmp
                 "--actions", "noop,1,up", "--guidance", "2", "-o", f"{out}/")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "002.png"]
-    assert Image.open(out / "000.png").size == (16, 16)
+    with Image.open(out / "000.png") as first:
+        assert first.size == (16, 16)
 
 
 def test_rollout_local_rejects_bad_values_by_name(tiny_bundle_dir, tmp_path):
@@ -81,6 +85,7 @@ USER_ERRORS = [
     (["rollout", "--local", "--model", "{tiny}", "-o", "x.avi"], ".webm"),
     (["rollout", "--local", "--model", "nope", "-o", "x.mp4"], "nope"),
     (["rollout", "--local", "--schedule", "zigzag", "-o", "x.mp4"], "trapezoid"),
+    (["rollout", "--local", "--context-noise-mode", "loud", "-o", "x.mp4"], "scaled"),
     (["rollout", "--local", "--model", "{tiny}", "--steps", "0", "-o", "x.mp4"], "steps"),
     (["rollout", "--local", "--model", "{tiny}", "-o", "{tmp}/no/such/dir/x.mp4"],
      "Not a directory"),
@@ -122,7 +127,8 @@ def test_a_closed_pipe_is_one_error_line_not_a_traceback(tiny_bundle_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # before the interpreter has even started: every write fails
-    stderr = proc.stderr.read()
+    with proc.stderr:
+        stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 2, stderr
     assert stderr.splitlines() == ["dfserve models: error: the output was closed before the "
                                    "end (broken pipe)"], stderr
@@ -151,3 +157,31 @@ def test_verbose_logs_dfserve_debug_lines_without_library_noise(tiny_bundle_dir,
     assert "DEBUG server.rollout_cli" in r.stderr, r.stderr  # -v does turn on our debug lines
     debug = [line for line in r.stderr.splitlines() if " DEBUG " in line]
     assert all(" DEBUG server." in line or " DEBUG model." in line for line in debug), debug
+
+
+def test_rollout_local_takes_the_context_noise_mode(tiny_bundle_dir, tmp_path):
+    """--context-noise-mode reaches the engine's request (its debug line shows the settings):
+    the flag comes from SamplingConfig's field, as every sampling flag does."""
+    r = dfserve("-v", "rollout", "--local", "--model", str(tiny_bundle_dir), "--example",
+                "random", "--frames", "2", "--steps", "2", "--context-noise", "500",
+                "--context-noise-mode", "noised", "-o", str(tmp_path / "o.gif"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if "DEBUG server.rollout_cli" in x]
+    assert "context_noise=500" in line and "context_noise_mode='noised'" in line, line
+
+
+# One value per sampling setting, none of them a default, to see each flag arrive.
+GIVEN = {"schedule": "trapezoid", "sampler": "ddim", "steps": 3, "eta": 0.5,
+         "uncertainty_scale": 2.0, "chunk_size": 2, "guidance": 1.5, "context_noise": 7,
+         "context_noise_mode": "scaled"}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", [["rollout", "--local", "-o", "x.mp4"],
+                                     ["eval", "--model", "m", "--data", "d"]])
+def test_every_sampling_setting_is_a_flag_of_rollout_and_eval(command):
+    assert set(GIVEN) == set(sampling_types())  # a new setting: give it a value above
+    assert all(GIVEN[k] != getattr(SamplingConfig(), k) for k in GIVEN)
+    flags = [x for k, v in GIVEN.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    args = build_parser().parse_args([*command, *flags])
+    assert sampling_overrides(args) == GIVEN
+    assert sampling_overrides(build_parser().parse_args(command)) == {}  # unset: the model's

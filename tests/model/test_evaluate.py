@@ -34,7 +34,7 @@ from model.evaluate import (
     world_area,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def images(n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -164,12 +164,13 @@ def test_evaluate_end_to_end_on_real_crafter(crafter_episodes, tmp_path):
     assert moves["contexts"] == 2 and moves["left_vs_right_mse"]["env"] > 0
     assert 0 < moves["scrolling_cases"] <= 8  # 2 contexts x 4 moves, blocked ones don't count
     assert 0 <= moves["same_tile_shift"] <= moves["scrolling_cases"]
-    assert Image.open(out / "moves.png").size[1] > 4 * 2 * 72  # 4 moves x (env + model)
+    with Image.open(out / "moves.png") as moves_png:
+        assert moves_png.size[1] > 4 * 2 * 72  # 4 moves x (env + model)
     persist = doc["persistence"]
     assert persist["rollouts"] == 2 and persist["last_frames"] == 10
     assert 0 < persist["real_detail"] and 0 <= persist["ratio"]
-    grid = Image.open(out / "grid.png")
-    assert grid.size[1] > 2 * 2 * 72  # 2 windows x (truth row + rollout row), upscaled
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size[1] > 2 * 2 * 72  # 2 windows x (truth row + rollout row), upscaled
     assert (out / "window_0.mp4").stat().st_size > 0 and (out / "long_rollout.mp4").is_file()
     update_card(path, result, out / "grid.png")
     card = (path / "README.md").read_text()

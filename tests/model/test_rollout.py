@@ -12,6 +12,8 @@ from model.bundle import Bundle
 from model.config import SCHEDULES, SamplingConfig
 from model.rollout import KVCache, RolloutEngine, RolloutRequest
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOL = 1e-5  # float32 reduction-order noise is ~1e-6; any real semantic difference is larger
 # Cache vs recompute in float64: the two differ only in summation order, so they must agree far
 # below float32 noise (which on some CPUs reaches 3e-5 once guidance amplifies it).
@@ -38,24 +40,56 @@ def run(bundle: Bundle, request: RolloutRequest, use_cache: bool = True) -> torc
     return torch.stack([f for _, f in frames])
 
 
+def run_together(bundle: Bundle, requests: list[RolloutRequest], use_cache: bool
+                 ) -> list[torch.Tensor]:
+    """The rollouts stepped in one batch, as the worker steps them; their frames each."""
+    engine = RolloutEngine(bundle, use_cache=use_cache)
+    states = [engine.start(r) for r in requests]
+    frames: list[list[tuple[int, torch.Tensor]]] = [[] for _ in requests]
+    while not all(st.done for st in states):
+        for got, new in zip(frames, engine.step(states), strict=True):
+            got.extend(new)
+    for got, request in zip(frames, requests, strict=True):
+        assert [i for i, _ in got] == list(range(request.frames))
+    return [torch.stack([f for _, f in got]) for got in frames]
+
+
+SAMPLERS = ["ddim", "ddpm", "dpmpp_2m"]
+CONTEXT_MODES = ["relabel", "noised"]
+GUIDANCE = [1.0, 2.5]
+# 2 context + 14 frames with chunk 3 in a window of 8: the history slides five times
+SLIDES = {(schedule, sampler): {"schedule": schedule, "sampler": sampler, "eta": 0.7}
+          for schedule in SCHEDULES for sampler in SAMPLERS}  # fmt: skip
+MODES = {(mode, guidance): {"context_noise_mode": mode, "guidance": guidance, "chunk_size": 2}
+         for mode in CONTEXT_MODES for guidance in GUIDANCE}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache_vs_recompute(tiny_bundle64: Bundle) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
+    """Every case of the two sweeps below, cached and recomputed, in one batch per engine: one
+    forward pass serves all sixteen cases at once. A rollout's frames do not depend on its
+    batch (test_batched_at_different_stages_equals_alone), so each case is its rollout alone,
+    in a batch that mixes rollouts at different rows, chunks and forward sizes on top."""
+    cases = {**SLIDES, **MODES}
+    requests = [make_request(tiny_bundle64, **sampling) for sampling in cases.values()]
+    cached = run_together(tiny_bundle64, requests, use_cache=True)
+    recomputed = run_together(tiny_bundle64, requests, use_cache=False)
+    return dict(zip(cases, zip(cached, recomputed, strict=True), strict=True))
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
-def test_cache_equals_recompute_across_window_slides(tiny_bundle64, schedule, sampler):
-    # 2 context + 14 frames with chunk 3 in a window of 8: the history slides five times
-    request = make_request(tiny_bundle64, schedule=schedule, sampler=sampler, eta=0.7)
-    cached, recomputed = run(tiny_bundle64, request, True), run(tiny_bundle64, request, False)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_cache_equals_recompute_across_window_slides(cache_vs_recompute, schedule, sampler):
+    cached, recomputed = cache_vs_recompute[schedule, sampler]
     assert cached.dtype == torch.float64
     torch.testing.assert_close(cached, recomputed, atol=TOL64, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["relabel", "noised"])
-@pytest.mark.parametrize("guidance", [1.0, 2.5])
-def test_cache_equals_recompute_context_modes_and_guidance(tiny_bundle64, mode, guidance):
-    bundle = tiny_bundle64
-    request = make_request(bundle, context_noise_mode=mode, guidance=guidance, chunk_size=2)
-    torch.testing.assert_close(
-        run(bundle, request, True), run(bundle, request, False), atol=TOL64, rtol=0
-    )
+@pytest.mark.parametrize("mode", CONTEXT_MODES)
+@pytest.mark.parametrize("guidance", GUIDANCE)
+def test_cache_equals_recompute_context_modes_and_guidance(cache_vs_recompute, mode, guidance):
+    cached, recomputed = cache_vs_recompute[mode, guidance]
+    torch.testing.assert_close(cached, recomputed, atol=TOL64, rtol=0)
 
 
 def test_cache_equals_recompute_in_float32(tiny_bundle):
@@ -126,9 +160,21 @@ def test_changing_a_later_action_never_changes_earlier_frames(tiny_bundle):
 
 
 def test_frames_are_finite_and_in_range_for_long_rollouts(tiny_bundle):
+    """The engine hands out x0 unclamped (RolloutEngine.step), so a random model's frames
+    leave [-1, 1] (about ±4 here) from the first window on. What a long rollout must keep is
+    its range: 32 frames (eight chunks) on, its values stay within 1.5x the first window's and
+    each frame's spread within 2x of theirs. A rollout that feeds its own growth back leaves
+    both (history amplified 2x reaches ±47), one that collapses to a flat image the second."""
     frames = run(tiny_bundle, make_request(tiny_bundle, frames=40, chunk_size=4))
     assert torch.isfinite(frames).all()
     assert frames.shape == (40, 3, 16, 16)
+    window = tiny_bundle.config.network.max_frames
+    first, last = frames[:window], frames[-window:]  # (window, C, R, R) each, 32 frames apart
+    bound = float(first.abs().max())
+    assert float(last.abs().max()) <= 1.5 * bound, (float(last.abs().max()), bound)
+    spread = first.std(dim=(1, 2, 3))  # (window,) per-frame pixel std
+    lo, hi = float(spread.min()) / 2, float(spread.max()) * 2
+    assert all(lo <= float(s) <= hi for s in last.std(dim=(1, 2, 3))), (lo, hi)
 
 
 def test_validation_names_the_field(tiny_bundle):

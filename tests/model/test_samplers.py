@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from model import samplers, scheduling
-from model.config import DiffusionConfig
+from model.config import SAMPLERS, DiffusionConfig
 from model.diffusion import NoiseSchedule
+from model.errors import FieldError
 
 F64 = torch.float64
 T = 1000
@@ -33,14 +34,7 @@ NS = NoiseSchedule(
 FRAMES = torch.arange(3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Intra-op threads on a shared 2-core machine spin against other people's jobs (20x slower
-    here); one thread also keeps every reduction order fixed for the bit-exact comparisons."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-exact comparisons: tests/conftest.py
 
 
 # --- oracles ----------------------------------------------------------------------------------
@@ -429,8 +423,13 @@ def test_stochastic_sampler_without_generator_and_unknown_sampler_raise() -> Non
     lv_a, lv_b = _levels(4), _levels(3)
     with pytest.raises(ValueError, match="generator"):
         samplers.sampler_step("ddpm", NS, x, x, lv_a, lv_b, samplers.SamplerState())
-    with pytest.raises(ValueError, match=r"^sampler: 'euler'"):
+    with pytest.raises(FieldError, match=r"^sampler: 'euler'") as e:
         samplers.sampler_step("euler", NS, x, x, lv_a, lv_b, samplers.SamplerState())
+    assert (e.value.field, e.value.accepted) == ("sampler", list(SAMPLERS))
+
+
+def test_every_sampler_name_has_its_function() -> None:
+    assert list(samplers.SAMPLER_STEPS) == list(SAMPLERS)
 
 
 # --- dpmpp_2m history -------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 
 from model import scheduling
 from model.config import SCHEDULES
+from model.errors import FieldError
 
 STEPS = range(1, 13)
 HORIZONS = range(1, 10)
@@ -231,8 +232,13 @@ def test_pyramid_with_unit_scale_lags_one_row_per_frame() -> None:
 
 
 def test_unknown_schedule_raises_naming_the_field() -> None:
-    with pytest.raises(ValueError, match=r"schedule: 'spiral'"):
+    with pytest.raises(FieldError, match=r"schedule: 'spiral'") as e:
         scheduling.scheduling_matrix("spiral", 4, 3)
+    assert (e.value.field, e.value.accepted) == ("schedule", list(SCHEDULES))
+
+
+def test_every_schedule_name_has_its_function() -> None:
+    assert list(scheduling.SCHEDULE_MATRICES) == list(SCHEDULES)
 
 
 @pytest.mark.parametrize("steps", [0, -1])

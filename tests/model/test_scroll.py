@@ -174,3 +174,71 @@ def test_the_extra_head_pairs_train_the_head_alone():
     touched = {n.split(".")[0] for n, p in trainer.net.named_parameters()
                if p.grad is not None and p.grad.abs().sum() > 0}  # fmt: skip
     assert torch.isfinite(loss) and touched == {"scroll_head"}
+
+
+CONVEX = dataclasses.replace(SCROLLING.network, convex_copy=True)
+
+
+def test_a_convex_copy_at_an_open_gate_is_the_copy_whatever_the_residual():
+    """gate * copy + (1 - gate) * residual: an open gate copies exactly, where the sum
+    residual + gate * copy is off by the residual (the fading the convex blend removes)."""
+    frames = walk([0, 1, 3])[None]
+    x, levels, actions, positions = inputs(frames, [0, 1, 3])
+    given = torch.tensor([[0, 1, 3]])
+    outs = {}
+    for convex in (False, True):
+        torch.manual_seed(0)
+        net = CausalVideoDiT(dataclasses.replace(CONVEX, convex_copy=convex), 1000).eval()
+        with torch.no_grad():
+            torch.nn.init.normal_(net.final.weight, std=0.5)  # a residual far from 0
+            net.final.bias[P * P * 3 :] = 50.0
+            outs[convex], _, _ = net(x, levels, actions, positions, scrolls=given)
+    copied = scroll_view(net.previous_frames(x, None), given, P, ROWS)
+    torch.testing.assert_close(outs[True], copied, atol=1e-6, rtol=0)
+    assert (outs[False] - copied).abs().mean() > 0.1
+
+
+def test_convex_copy_needs_the_single_copy_gate():
+    with pytest.raises(ValueError, match="convex_copy"):
+        CausalVideoDiT(dataclasses.replace(CONVEX, copy_shifts=True, scroll_rows=0), 1000)
+    with pytest.raises(ValueError, match="convex_copy"):
+        CausalVideoDiT(dataclasses.replace(CONVEX, copy_gate=False, scroll_rows=0), 1000)
+
+
+def test_gate_targets_are_the_pixels_where_the_copy_is_exact():
+    from model.train import GATE_EXACT, gate_targets
+
+    x0 = torch.zeros(1, 1, 3, 2, 2)
+    copy_ = x0.clone()
+    copy_[0, 0, 1, 0, 0] = 2 * GATE_EXACT  # one channel off: the pixel is not exact
+    copy_[0, 0, :, 1, 1] = GATE_EXACT / 2  # every channel near: it is
+    assert gate_targets(copy_, x0).tolist() == [[[[0.0, 1.0], [1.0, 1.0]]]]
+
+
+def test_the_gate_loss_teaches_the_gate_where_the_copy_is_exact():
+    """Steps on one batch of walks, with and without the gate loss: the gate's cross-entropy
+    against where its copy is exact (after a clean frame: the view but not the entering row;
+    after a noisy one: nowhere) ends well below what the x0 loss alone teaches."""
+    from model.train import gate_loss
+
+    actions = torch.tensor([[0, 1, 3, 2]] * 4)
+    x0 = torch.stack([walk([MOVES[int(a)] for a in row], i) for i, row in enumerate(actions)])
+    levels = torch.tensor([[-1, 500, -1, 500], [-1, 900, 900, 900]] * 2)  # clean or noisy
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+
+    def trained_gate_loss(weight: float) -> float:
+        torch.manual_seed(0)
+        train = dataclasses.replace(train_preset("tiny"), lr=3e-3, clean_frames=0.5,
+                                    gate_loss=weight)  # fmt: skip
+        trainer = Trainer(dataclasses.replace(SCROLLING, network=CONVEX), train)
+        for _ in range(60):
+            trainer.step(x0, actions)
+        gates: list[torch.Tensor] = []
+        with torch.no_grad():
+            trainer.net.eval()(trainer.ns.q_sample(x0, levels, noise), levels, actions,
+                               torch.arange(4).expand(4, 4), scrolls=scroll_labels(x0, P, ROWS),
+                               gates=gates)  # fmt: skip
+        return float(gate_loss(gates[0], gates[1], x0, torch.ones(4, 4, dtype=torch.bool)))
+
+    with_it, without = trained_gate_loss(1.0), trained_gate_loss(0.0)
+    assert with_it < 0.7 * without, (with_it, without)  # 0.25 vs 0.46 when written

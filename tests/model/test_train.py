@@ -36,7 +36,7 @@ ACTIONS = TINY.data.action_names  # noop, left, right, up
 MOVES = {0: (0, 0), 1: (0, -1), 2: (0, 1), 3: (-1, 0)}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def synthetic_episode(seed: int, length: int = 64, r: int = 16) -> Episode:

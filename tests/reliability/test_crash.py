@@ -7,6 +7,7 @@ worker that takes it ends in the dead-letter stream, failed, after K deliveries.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from websockets.sync.client import connect
 
 from tests.e2e.conftest import REDIS_URL, Proc, dfserve_cmd, free_port, spawn, wait_ready
 from tests.reliability.conftest import get, hostname_pid, post, process_env, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: `tests` imports from here
 
 
 class StreamReader(threading.Thread):
@@ -55,9 +58,16 @@ def start_api(procs: list[Proc], bundle: Path, prefix: str, **extra: Any) -> str
     return f"http://127.0.0.1:{port}"
 
 
-def start_worker(procs: list[Proc], bundle: Path, prefix: str, **extra: Any) -> Proc:
-    return spawn(procs, dfserve_cmd("worker", "--model", str(bundle), "--max-batch", "2"),
-                 process_env(REDIS_URL, prefix, **extra))
+def start_worker(procs: list[Proc], bundle: Path, prefix: str, poison: int | None = None,
+                 **extra: Any) -> Proc:
+    """`dfserve worker`; with `poison`, one that dies on a job with that seed
+    (tests/reliability/poison_worker.py, the same worker with a fault injected)."""
+    flags = ("worker", "--model", str(bundle), "--max-batch", "2")
+    if poison is None:
+        return spawn(procs, dfserve_cmd(*flags), process_env(REDIS_URL, prefix, **extra))
+    cmd = [sys.executable, "-m", "tests.reliability.poison_worker", str(poison), *flags]
+    env = {**process_env(REDIS_URL, prefix, **extra), "PYTHONPATH": str(ROOT)}
+    return spawn(procs, cmd, env)
 
 
 def test_kill9_worker_job_is_reclaimed_and_streamed_exactly_once(
@@ -115,9 +125,9 @@ def test_kill9_worker_job_is_reclaimed_and_streamed_exactly_once(
 def test_poison_job_is_dead_lettered_after_k_deliveries(
         tiny_bundle_dir: Path, procs: list[Proc], redis_prefix: str) -> None:
     poison = 666
-    extra = {"max_deliveries": 2, "test_crash_on_seed": poison}  # TEST ONLY hook
+    extra = {"max_deliveries": 2}
     base = start_api(procs, tiny_bundle_dir, redis_prefix, **extra)
-    worker = start_worker(procs, tiny_bundle_dir, redis_prefix, **extra)
+    worker = start_worker(procs, tiny_bundle_dir, redis_prefix, poison, **extra)
     wait_ready(base, procs)
     job_id = post(base, frames=3, steps=2, seed=poison)["id"]
     deaths: list[str] = []
@@ -129,7 +139,7 @@ def test_poison_job_is_dead_lettered_after_k_deliveries(
             assert "TEST ONLY" in worker.output()
             deaths.append(hostname_pid(worker.p.pid))
             procs.remove(worker)
-            worker = start_worker(procs, tiny_bundle_dir, redis_prefix, **extra)
+            worker = start_worker(procs, tiny_bundle_dir, redis_prefix, poison, **extra)
         time.sleep(0.1)
     # K = 2 deliveries, each killed its worker; the third claim dead-letters it.
     assert doc["status"] == "failed" and len(deaths) == 2, (doc, deaths)

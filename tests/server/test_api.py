@@ -432,6 +432,7 @@ BAD_INPUTS: list[tuple[dict[str, Any], str | None, Any]] = [
     ({"schedule": "zigzag"}, "schedule", ["pyramid", "autoregressive", "full_sequence",
                                           "trapezoid"]),
     ({"sampler": "euler"}, "sampler", ["ddim", "ddpm", "dpmpp_2m"]),
+    ({"sampler": 3}, "sampler", ["ddim", "ddpm", "dpmpp_2m"]),
     ({"model": "nope"}, "model", SERVED_MODELS),
     ({"actions": ["left", "jump"]}, "actions", ["noop", "left", "right", "up"]),
     ({"context_actions": ["fly", "noop"]}, "context_actions", ["noop", "left", "right", "up"]),
@@ -473,6 +474,29 @@ def test_bad_input_names_the_field(api: Service, body: dict[str, Any], field: st
     if field == "stpes":
         assert "steps" in detail["accepted"]
     assert api.queue.queued_count() == 0
+
+
+def test_an_unknown_name_is_answered_as_model_words_it(api: Service) -> None:
+    """The schema refuses an unknown schedule (a Literal type) with the body model/'s
+    FieldError gives: the value, and the names in `accepted` only."""
+    r = api.client.post("/v1/rollouts", json={"example": "random", "schedule": "zigzag"})
+    assert r.status_code == 422
+    assert r.json() == {"detail": {"field": "schedule",
+                                   "message": "'zigzag' is not an accepted value",
+                                   "accepted": ["pyramid", "autoregressive", "full_sequence",
+                                                "trapezoid"]}}  # fmt: skip
+
+
+def test_a_server_bug_is_not_a_client_error(api: Service,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a FieldError is the client's: any other ValueError is a 500, not a 422."""
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("steps: a bug that merely looks like a field error")
+
+    monkeypatch.setattr("server.routes.rollouts.job_spec", broken)
+    with TestClient(api.client.app, raise_server_exceptions=False) as client:
+        r = client.post("/v1/rollouts", json={"example": "random"})
+    assert r.status_code == 500, r.text
 
 
 def test_bad_bodies(tiny_bundle_dir: Path) -> None:

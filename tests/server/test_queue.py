@@ -1,4 +1,4 @@
-"""server/queue.py against real Redis (127.0.0.1:6379) and fakeredis (the embedded mode).
+"""server/queue/ against real Redis (127.0.0.1:6379) and fakeredis (the embedded mode).
 
 The real-Redis half fails, not skips, when Redis is unreachable, unless DFSERVE_ALLOW_NO_REDIS=1.
 """
@@ -10,15 +10,18 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import fakeredis
 import pytest
 import redis
+import redis.connection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from server.queue import ClaimedJob, Event, JobStatus, Queue, QueueFull
+from server.queue import ClaimedJob, Event, Job, JobStatus, Queue, QueueFull
 
 REDIS_URL = os.environ.get("DFSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PNG = b"\x89PNG\r\n\x1a\n"  # binary payloads must round-trip untouched
@@ -163,6 +166,131 @@ def test_idempotency_concurrent(q: Queue) -> None:
     assert not errors and len(ids) == 16 and len(set(ids)) == 1
     assert q.queued_count() == 1
     assert len(q.claim("w", 10, 0)) == 1  # one job in the stream, not 16
+
+
+class Died(BaseException):
+    """The submitting process dies: not an error redis-py would retry or clean up after."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What a submit writes, as job ids: hashes, the queued set, the job stream, the owner's
+    index; where the idempotency key points; the `submitted` counter."""
+
+    hashes: frozenset[str]
+    queued: frozenset[str]
+    stream: frozenset[str]
+    owned: frozenset[str]
+    idem: str | None
+    submitted: int
+
+
+def stored(q: Queue, owner: str, key: str) -> Stored:
+    def ids(raw: Any) -> frozenset[str]:
+        return frozenset(i.decode() for i in raw)
+
+    prefix = len(q.keys.job(""))
+    idem = q.redis.get(q.keys.idem(owner, key))
+    return Stored(
+        hashes=frozenset(k.decode()[prefix:] for k in q.redis.keys(q.keys.job("*"))),
+        queued=ids(q.redis.zrange(q.keys.queued, 0, -1)),
+        stream=ids(f[b"id"] for _, f in q.redis.xrange(q.keys.jobs)),
+        owned=ids(q.redis.zrange(q.keys.owned(owner), 0, -1)),
+        idem=idem.decode() if idem else None, submitted=q.stats().get("submitted", 0))
+
+
+def die_after(q: Queue, packets: int, submit: Callable[[], Job]) -> Job | None:
+    """Run `submit`, whose process dies instead of sending its packet number packets + 1 to
+    Redis (nothing after it is sent either); the job if it got that far."""
+    send = redis.connection.AbstractConnection.send_packed_command
+    sent = 0
+
+    def send_or_die(conn: Any, command: Any, check_health: bool = True) -> None:
+        nonlocal sent
+        sent += 1
+        if sent > packets + 1:  # redis-py's cleanup after the death (UNWATCH) goes nowhere
+            raise redis.ConnectionError("the submitting process died")
+        if sent > packets:
+            raise Died
+        send(conn, command, check_health)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(redis.connection.AbstractConnection, "send_packed_command", send_or_die)
+        try:
+            return submit()
+        except Died:
+            return None
+        finally:
+            q.redis.connection_pool.disconnect()  # the dead process's connections close
+
+
+def assert_whole_or_absent(before: Stored, after: Stored, listed: bool) -> str | None:
+    """After a submit died: no trace of the job, or all of it (queued, in the stream, under
+    its key, counted, and listed if a rollout). Returns the job's id when it is there."""
+    new = after.hashes - before.hashes
+    if not new:
+        assert after == before, "a dead submit left part of a job behind"
+        return None
+    (job_id,) = new
+    assert after.queued == before.queued | {job_id}
+    assert after.stream == before.stream | {job_id}  # a worker will claim it
+    assert after.owned == (before.owned | {job_id} if listed else before.owned)
+    assert after.submitted == before.submitted + 1
+    return job_id
+
+
+def test_submit_is_whole_or_absent_wherever_it_dies(q: Queue) -> None:
+    """One MULTI/EXEC: a submit that dies at any round trip leaves all of its job or none, and
+    a retry with the same idempotency key always gets a job that will run."""
+    packets = 0
+    while True:
+        key = f"k{packets}"
+        before = stored(q, "alice", key)
+        job = die_after(q, packets, partial(q.submit, {"n": 1}, 2, owner="alice",
+                                            idempotency_key=key))
+        after = stored(q, "alice", key)
+        job_id = assert_whole_or_absent(before, after, listed=True)
+        assert after.idem == job_id  # the key points at the whole job, or at nothing yet
+        assert (job_id is not None) == (job is not None)  # EXEC was its last round trip
+        retry = q.submit({"n": 1}, 2, owner="alice", idempotency_key=key)
+        assert retry.id == (job_id or retry.id) and retry.status is JobStatus.queued
+        assert retry.id in stored(q, "alice", key).stream  # a worker will run it
+        if job is not None:
+            break
+        packets += 1
+    assert packets >= 2  # it died at every round trip before EXEC (WATCH, GET, ...), then lived
+    assert job.id == retry.id and job.queue_position == q.queued_count() - 1
+
+
+def test_session_is_submitted_with_no_frames(q: Queue) -> None:
+    """A session has frames_total 0 from its first write on (never a frame to make before an
+    action comes), wherever its submit dies; and it is not listed among rollouts."""
+    packets = 0
+    while True:
+        before = stored(q, "bob", "-")
+        job = die_after(q, packets, lambda: q.submit_session({"model": "m"}, owner="bob"))
+        after = stored(q, "bob", "-")
+        if job_id := assert_whole_or_absent(before, after, listed=False):
+            got = q.get(job_id)
+            assert got is not None and got.frames_total == 0 and got.params["kind"] == "session"
+        if job is not None:
+            break
+        packets += 1
+    assert (job.frames_total, job.status, job.params) == (
+        0, JobStatus.queued, {"model": "m", "kind": "session"})
+    assert q.list_jobs("bob", 10) == ([], None)
+    c = claim_one(q)
+    assert (c.id, c.frames_total) == (job.id, 0)
+    assert q.push_actions(job.id, [3, 1]) == 2
+
+
+def test_idempotency_key_of_an_expired_job_is_taken_over(q: Queue) -> None:
+    old = q.submit({}, 1, owner="o", idempotency_key="k")
+    q.redis.delete(q.keys.job(old.id))  # its hash expired before the key did
+    new = q.submit({}, 1, owner="o", idempotency_key="k")
+    assert new.id != old.id and q.redis.get(q.keys.idem("o", "k")) == new.id.encode()
+    assert q.submit({}, 1, owner="o", idempotency_key="k").id == new.id
+    assert [c.id for c in q.claim("w", 5, 0)] == [new.id]  # the old entry is skipped
 
 
 def test_queue_full(make_queue: MakeQueue) -> None:

@@ -3,34 +3,25 @@ and end-to-end tests)."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import fakeredis
 import numpy as np
 import pytest
-import torch
 
 from model.bundle import Bundle
 from model.request import prepare
 from model.rollout import RolloutEngine
 from server import video
-from server.inputs import encode_context
 from server.queue import JobStatus, Queue
 from server.settings import Settings
 from server.worker import Worker
+from tests.server.specs import rollout_params as params  # as the API stores them
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: oversubscribed OpenMP is ~50x slower
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
@@ -41,18 +32,6 @@ def server() -> fakeredis.FakeServer:
 def make_worker(server: fakeredis.FakeServer, bundle: Bundle, **settings: Any) -> Worker:
     s = Settings(**{"device": "cpu", "max_batch": 2, **settings})
     return Worker(s, Queue(fakeredis.FakeRedis(server=server), **s.queue_options()), bundle)
-
-
-def params(bundle: Bundle, frames: int, seed: int, **overrides: Any) -> dict[str, Any]:
-    """Normalized job params, as the API stores them."""
-    ex = bundle.examples()["random"]
-    req = prepare(bundle.config, ex.context, list(ex.actions), frames, {"steps": 3}, seed,
-                  list(ex.context_actions)).request
-    p = {"model": bundle.name, "context": encode_context(ex.context),
-         "context_actions": list(ex.context_actions), "actions": list(req.actions),
-         "frames": frames, "sampling": dataclasses.asdict(req.sampling), "seed": seed, "fps": 8,
-         "notes": []}  # fmt: skip
-    return {**p, **overrides}
 
 
 def solo(bundle: Bundle, p: dict[str, Any]) -> np.ndarray:

@@ -1,34 +1,26 @@
-"""Server-side sessions (WS /v1/sessions), below the socket: the queue's session keys and the
-worker's handling of a session job, tick by tick on a fakeredis queue."""
+"""server/worker.py playing sessions (WS /v1/sessions below the socket), tick by tick on a
+fakeredis queue: actions as they come, a batch shared with rollouts, idle endings, hand-over to
+the next worker."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import fakeredis
 import numpy as np
 import pytest
-import torch
 
 from model.bundle import Bundle
 from model.request import prepare
 from model.rollout import RolloutEngine
 from server import video
-from server.inputs import encode_context
 from server.queue import JobStatus, Queue
 from server.settings import Settings
 from server.worker import Worker
+from tests.server.specs import session_params
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -40,16 +32,6 @@ def make_worker(fake: fakeredis.FakeServer, bundle: Bundle, **settings: Any) -> 
     s = Settings(**{"device": "cpu", "max_batch": 2, "worker_name": f"w{id(settings)}",
                     **settings})
     return Worker(s, Queue(fakeredis.FakeRedis(server=fake), **s.queue_options()), bundle)
-
-
-def session_params(bundle: Bundle, seed: int = 3) -> dict[str, Any]:
-    """What the API stores for a session (sessions.py `_open`)."""
-    ex = bundle.examples()["random"]
-    req = prepare(bundle.config, ex.context, None, 1, {"steps": 3, "chunk_size": 1}, seed,
-                  list(ex.context_actions)).request
-    return {"model": bundle.name, "context": encode_context(ex.context),
-            "context_actions": list(ex.context_actions), "actions": [], "frames": 0,
-            "sampling": dataclasses.asdict(req.sampling), "seed": seed, "fps": 8}
 
 
 def all_up_front(bundle: Bundle, actions: list[int], seed: int = 3) -> np.ndarray:
@@ -71,25 +53,6 @@ def tick_until(w: Worker, done: Any, limit: int = 2000) -> None:
         if done():
             return
     raise AssertionError("the worker did not get there")
-
-
-def test_queue_session_keys(fake: Any) -> None:
-    q = Queue(fakeredis.FakeRedis(server=fake), job_ttl_s=60)
-    job = q.submit_session({"model": "tiny"})
-    assert job.params["kind"] == "session" and job.frames_total == 0
-    assert q.read_actions({job.id: "0-0"}) == {}
-    assert q.push_actions(job.id, [1, 2]) == 2 and q.push_actions(job.id, [3]) == 3
-    new = q.read_actions({job.id: "0-0", "other": "0-0"})
-    actions, cursor = new[job.id]
-    assert actions == [1, 2, 3] and set(new) == {job.id}
-    assert q.read_actions({job.id: cursor}) == {}
-    t0 = time.monotonic()
-    assert q.read_actions({job.id: cursor}, block_ms=100) == {}
-    assert time.monotonic() - t0 >= 0.09  # waited
-    assert q.get(job.id).frames_total == 3
-    q.cancel(job.id)  # queued: ends at once, and the action stream gets the job TTL
-    assert q.get(job.id).status is JobStatus.cancelled
-    assert 0 < q.redis.ttl(q.keys.actions(job.id)) <= 60
 
 
 def test_worker_plays_a_session_like_an_all_up_front_rollout(fake: Any,
