@@ -37,7 +37,7 @@ COPY clients ./clients
 # `pip install .` keeps the torch above (the pin is already satisfied) and adds the rest;
 # then the installed package (-I: not ./model) must carry a model bundle.
 RUN pip install --no-cache-dir . \
-    && python -I -c "from model.bundle import find_bundles; import sys; b = find_bundles(); \
+    && python -I -c "from dfserve.model.bundle import find_bundles; import sys; b = find_bundles(); \
 print('bundled models:', sorted(b)); sys.exit(0 if b else 'no model bundle in the package')"
 
 # ---------------------------------------------------------------------------- runtime

@@ -62,7 +62,7 @@ test: $(STAMP)
 	@# the web tests drive Debian's Chromium (Playwright cannot download browsers here)
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy model server clients
+	$(VENV)/bin/mypy -p dfserve.model -p dfserve.server -p dfserve.clients
 	mkdir -p artifacts
 	$(VENV)/bin/pytest -q -rs --junitxml=artifacts/junit.xml $(PYTEST_ARGS)
 
@@ -71,7 +71,7 @@ bench: $(SERVE_STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy model server clients
+	$(VENV)/bin/mypy -p dfserve.model -p dfserve.server -p dfserve.clients
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,6 @@
 """Python client of a dfserve server: `from clients import Client, AsyncClient`."""
 
-from clients.client import (
+from dfserve.clients.client import (
     AsyncClient,
     AsyncRollout,
     AsyncSession,

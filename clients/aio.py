@@ -10,13 +10,13 @@ from typing import Any, TypeVar, Unpack
 import httpx
 from websockets.asyncio.client import connect
 
-import clients.operations as ops
-from clients.core import ClientCore
-from clients.params import Action, RolloutParams, SessionParams, rollout_body
-from clients.rollouts import RolloutCore
-from clients.sessions import SessionCore
-from clients.status import RolloutStatus
-from clients.stream import Event, is_frame
+import dfserve.clients.operations as ops
+from dfserve.clients.core import ClientCore
+from dfserve.clients.params import Action, RolloutParams, SessionParams, rollout_body
+from dfserve.clients.rollouts import RolloutCore
+from dfserve.clients.sessions import SessionCore
+from dfserve.clients.status import RolloutStatus
+from dfserve.clients.stream import Event, is_frame
 
 T = TypeVar("T")
 

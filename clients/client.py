@@ -1,6 +1,6 @@
 """Python client of the dfserve API (DESIGN §3): `Client` (sync) and `AsyncClient` (asyncio).
 
-    from clients import Client
+    from dfserve.clients import Client
 
     with Client("http://127.0.0.1:8000", api_key=None) as c:
         r = c.rollout(example="walk", frames=32, seed=1)
@@ -21,9 +21,9 @@ operations (operations.py) in core.py, rollouts.py and sessions.py, that sync.py
 with blocking I/O and aio.py awaits.
 """
 
-from clients.aio import AsyncClient, AsyncRollout, AsyncSession
-from clients.core import RETRY_STATUSES
-from clients.errors import (
+from dfserve.clients.aio import AsyncClient, AsyncRollout, AsyncSession
+from dfserve.clients.core import RETRY_STATUSES
+from dfserve.clients.errors import (
     BadRequest,
     Conflict,
     DfserveError,
@@ -35,10 +35,10 @@ from clients.errors import (
     SessionEnded,
     Unauthorized,
 )
-from clients.images import ImageLike, decode_image, encode_image
-from clients.params import Action, RolloutParams, SessionParams, rollout_body
-from clients.status import TERMINAL, Progress, RolloutStatus
-from clients.sync import Client, Rollout, Session
+from dfserve.clients.images import ImageLike, decode_image, encode_image
+from dfserve.clients.params import Action, RolloutParams, SessionParams, rollout_body
+from dfserve.clients.status import TERMINAL, Progress, RolloutStatus
+from dfserve.clients.sync import Client, Rollout, Session
 
 __all__ = [
     "RETRY_STATUSES", "TERMINAL", "Action", "AsyncClient", "AsyncRollout", "AsyncSession",

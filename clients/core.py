@@ -15,9 +15,9 @@ from urllib.parse import urlencode
 
 import httpx
 
-from clients.errors import ServerError, response_error, retry_after
-from clients.operations import Call, Program, Sleep
-from clients.params import RolloutParams, rollout_body
+from dfserve.clients.errors import ServerError, response_error, retry_after
+from dfserve.clients.operations import Call, Program, Sleep
+from dfserve.clients.params import RolloutParams, rollout_body
 
 RETRY_STATUSES = (429, 503)
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
-from clients.images import encode_context
+from dfserve.clients.images import encode_context
 
 Action = str | int  # an action's name or its index in the model's list
 

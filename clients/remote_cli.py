@@ -20,8 +20,8 @@ from typing import Any, cast
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from clients.client import Client
-from clients.params import RolloutParams
+from dfserve.clients.client import Client
+from dfserve.clients.params import RolloutParams
 
 Encode = Callable[[list[bytes], int], None]  # streamed PNGs and fps -> the output file
 

@@ -7,12 +7,12 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from clients.core import ClientCore
-from clients.errors import RolloutFailed
-from clients.images import decode_image
-from clients.operations import Program, Sleep
-from clients.status import RolloutStatus
-from clients.stream import EventStream
+from dfserve.clients.core import ClientCore
+from dfserve.clients.errors import RolloutFailed
+from dfserve.clients.images import decode_image
+from dfserve.clients.operations import Program, Sleep
+from dfserve.clients.status import RolloutStatus
+from dfserve.clients.stream import EventStream
 
 
 class RolloutCore:

@@ -13,11 +13,11 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from clients.core import ClientCore
-from clients.errors import SessionEnded, stream_error
-from clients.images import decode_image
-from clients.operations import Close, Connect, Program, Recv, Send
-from clients.params import Action
+from dfserve.clients.core import ClientCore
+from dfserve.clients.errors import SessionEnded, stream_error
+from dfserve.clients.images import decode_image
+from dfserve.clients.operations import Close, Connect, Program, Recv, Send
+from dfserve.clients.params import Action
 
 
 class SessionCore:

@@ -12,10 +12,10 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from clients.core import ClientCore
-from clients.errors import RolloutFailed, ServerError, api_error, stream_error
-from clients.images import decode_image
-from clients.operations import Close, Connect, Program, Recv, Sleep
+from dfserve.clients.core import ClientCore
+from dfserve.clients.errors import RolloutFailed, ServerError, api_error, stream_error
+from dfserve.clients.images import decode_image
+from dfserve.clients.operations import Close, Connect, Program, Recv, Sleep
 
 Event = dict[str, Any]
 DROPPED = (ConnectionClosed, OSError, TimeoutError, InvalidStatus)  # what a reconnect may fix

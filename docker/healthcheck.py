@@ -73,7 +73,7 @@ def check_workers(pids: list[int]) -> str | None:
     url = os.environ.get("DFSERVE_REDIS_URL")
     if not url:
         return "DFSERVE_REDIS_URL is not set"
-    from server.queue import Queue, connect  # no torch: this runs every few seconds
+    from dfserve.server.queue import Queue, connect  # no torch: this runs every few seconds
 
     client = connect(url)
     try:

@@ -29,7 +29,7 @@ import httpx
 import redis
 from websockets.asyncio.client import ClientConnection, connect
 
-from server.queue import JobStatus, Queue
+from dfserve.server.queue import JobStatus, Queue
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

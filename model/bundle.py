@@ -17,12 +17,12 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.config import SAMPLERS, SCHEDULES, BundleConfig
-from model.diffusion import NoiseSchedule
-from model.errors import FieldError
-from model.frame_stack import frame_stack, image_channels, max_context_frames
-from model.network import CausalVideoDiT
-from model.unet3d import UNet3D
+from dfserve.model.config import SAMPLERS, SCHEDULES, BundleConfig
+from dfserve.model.diffusion import NoiseSchedule
+from dfserve.model.errors import FieldError
+from dfserve.model.frame_stack import frame_stack, image_channels, max_context_frames
+from dfserve.model.network import CausalVideoDiT
+from dfserve.model.unet3d import UNet3D
 
 # The denoisers a bundle can name (config.architecture); the engine drives both through the
 # same call (see CausalVideoDiT.forward) and asks `causal` whether a KV cache may be used.

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from model.errors import in_range, one_of
+from dfserve.model.errors import in_range, one_of
 
 # The accepted names of the sampling choices, as types: a request schema or a CLI flag built
 # from SamplingConfig's fields (sampling_choices) offers exactly these. Each name has its

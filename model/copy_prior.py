@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.data.shards import Episode
-from model.scroll import COPY_SHIFTS, shift_frames
+from dfserve.model.data.shards import Episode
+from dfserve.model.scroll import COPY_SHIFTS, shift_frames
 
 MATCH_TOLERANCE = 2  # uint8 levels: a copy "has" a pixel's value within this (video codecs)
 SMOOTHING = 1.0  # votes added to every choice of every action (no log 0)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from model.config import BETA_SCHEDULES, OBJECTIVES, DiffusionConfig
+from dfserve.model.config import BETA_SCHEDULES, OBJECTIVES, DiffusionConfig
 
 
 def linear_betas(timesteps: int) -> Tensor:

@@ -39,13 +39,13 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
-from model.bundle import Bundle, load_bundle, resolve_bundle
-from model.config import SamplingConfig
-from model.data.shards import NO_ACTION, Episode, load_episodes, load_meta
-from model.errors import FieldError
-from model.request import SAMPLING_FIELDS, sampling_from
-from model.rollout import RolloutEngine, RolloutRequest, RolloutState
-from model.scroll import overlap_mse
+from dfserve.model.bundle import Bundle, load_bundle, resolve_bundle
+from dfserve.model.config import SamplingConfig
+from dfserve.model.data.shards import NO_ACTION, Episode, load_episodes, load_meta
+from dfserve.model.errors import FieldError
+from dfserve.model.request import SAMPLING_FIELDS, sampling_from
+from dfserve.model.rollout import RolloutEngine, RolloutRequest, RolloutState
+from dfserve.model.scroll import overlap_mse
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +385,7 @@ def spatial_detail(frames: Tensor) -> Tensor:
 
 def _replay(seed: int, actions: np.ndarray, size: int, frame: np.ndarray) -> Any | None:
     """The environment at the end of an episode prefix, or None if it does not replay."""
-    from model.data.crafter import make_env
+    from dfserve.model.data.crafter import make_env
 
     env = make_env(seed, size)
     obs = env.reset()
@@ -493,7 +493,7 @@ def persistence(
 
 def _policy_actions(bundle: Bundle, rng: np.random.Generator, n: int) -> list[int]:
     if bundle.config.data.env == "crafter":
-        from model.data.crafter import RandomRunPolicy
+        from dfserve.model.data.crafter import RandomRunPolicy
 
         return [int(a) for a in RandomRunPolicy().actions(rng, n)]
     return [int(a) for a in rng.integers(0, bundle.config.network.n_actions, n)]
@@ -590,7 +590,7 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int, scale: int = 4) -> bool:
     """The service's MP4 (model/media.py) of uint8 (N, H, W, 3) frames, upscaled (nearest)
     for viewing."""
     try:
-        from model.media import encode_mp4
+        from dfserve.model.media import encode_mp4
     except ImportError:  # PyAV is a dependency of the service; be lenient in model/
         log.warning("PyAV not installed: %s not written", path)
         return False

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from model.config import BundleConfig
-from model.errors import FieldError
+from dfserve.model.config import BundleConfig
+from dfserve.model.errors import FieldError
 
 
 def frame_stack(config: BundleConfig) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from fractions import Fraction
 
 import av
@@ -33,6 +33,18 @@ def check_frame(frame: np.ndarray) -> np.ndarray:
 
 def encode_mp4(frames: Sequence[np.ndarray], fps: int, scale: int = 1) -> bytes:
     """Encode RGB frames as a browser-safe MP4: H.264, yuv420p, even size, faststart."""
+    # swscale converts RGB with the BT.601 matrix; say so, or players guess (often BT.709).
+    options = {"crf": _CRF, "preset": "veryfast", "x264-params": "colormatrix=smpte170m"}
+    data = encode_video(frames, fps, "mp4", "libx264", options, scale)
+    # libavformat's own +faststart reopens the output by file name, which an in-memory
+    # buffer does not have, so the moov box is moved in Python instead.
+    return _faststart(data)
+
+
+def encode_video(frames: Sequence[np.ndarray], fps: int, container_format: str, codec: str,
+                 options: Mapping[str, object], scale: int = 1) -> bytes:  # fmt: skip
+    """RGB frames as a yuv420p video of `codec` in `container_format`, each frame scaled up
+    `scale` times (nearest neighbour) and padded to an even size; one frame per 1/fps."""
     if len(frames) == 0:
         raise ValueError("cannot encode an empty list of frames")
     if fps <= 0 or scale < 1:
@@ -46,19 +58,15 @@ def encode_mp4(frames: Sequence[np.ndarray], fps: int, scale: int = 1) -> bytes:
 
     buf = io.BytesIO()
     time_base = Fraction(1, fps)
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
+    with av.open(buf, mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=fps)
+        assert isinstance(stream, av.VideoStream), codec  # a video codec's stream
         stream.width, stream.height, stream.pix_fmt = w + pad_w, h + pad_h, "yuv420p"
         stream.codec_context.time_base = time_base
-        # swscale converts RGB with the BT.601 matrix; say so, or players guess (often BT.709).
-        stream.options = {
-            "crf": _CRF,
-            "preset": "veryfast",
-            "x264-params": "colormatrix=smpte170m",
-        }
+        stream.options = dict(options)
         for i, f in enumerate(frames):
             f = np.asarray(f)
-            if scale > 1:  # nearest neighbour keeps the pixel-art look of 64x64 frames
+            if scale > 1:  # nearest neighbour keeps the pixel-art look of small frames
                 f = f.repeat(scale, axis=0).repeat(scale, axis=1)
             if pad_h or pad_w:
                 f = np.pad(f, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
@@ -68,9 +76,7 @@ def encode_mp4(frames: Sequence[np.ndarray], fps: int, scale: int = 1) -> bytes:
             vf.pts, vf.time_base = i, time_base
             container.mux(stream.encode(vf))
         container.mux(stream.encode(None))  # flush the encoder's lookahead
-    # libavformat's own +faststart reopens the output by file name, which an in-memory
-    # buffer does not have, so the moov box is moved in Python instead.
-    return _faststart(buf.getvalue())
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------- MP4 boxes

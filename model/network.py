@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import NetworkConfig
-from model.scroll import COPY_SHIFTS, ScrollHead, scroll_view, shift_frames
+from dfserve.model.config import NetworkConfig
+from dfserve.model.scroll import COPY_SHIFTS, ScrollHead, scroll_view, shift_frames
 
 Rotation = tuple[Tensor, Tensor]  # RoPE cos, sin: (B, L, 1, d/2)
 

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.bundle import action_index, unconditional
-from model.config import BundleConfig, SamplingConfig, sampling_types
-from model.errors import FieldError
-from model.frame_stack import check_context_frames, frame_stack, max_context_frames
-from model.rollout import RolloutRequest
+from dfserve.model.bundle import action_index, unconditional
+from dfserve.model.config import BundleConfig, SamplingConfig, sampling_types
+from dfserve.model.errors import FieldError
+from dfserve.model.frame_stack import check_context_frames, frame_stack, max_context_frames
+from dfserve.model.rollout import RolloutRequest
 
 SAMPLING_FIELDS = tuple(sampling_types())
 

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.bundle import Bundle
-from model.config import SamplingConfig
-from model.frame_stack import (
+from dfserve.model.bundle import Bundle
+from dfserve.model.config import SamplingConfig
+from dfserve.model.frame_stack import (
     check_context_frames,
     frame_stack,
     max_context_frames,
@@ -38,9 +38,9 @@ from model.frame_stack import (
     stacked_count,
     unstack,
 )
-from model.network import BatchKV
-from model.samplers import SamplerState, draw_noise, sampler_step
-from model.scheduling import scheduling_matrix
+from dfserve.model.network import BatchKV
+from dfserve.model.samplers import SamplerState, draw_noise, sampler_step
+from dfserve.model.scheduling import scheduling_matrix
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.config import SAMPLERS, SamplerName
-from model.diffusion import NoiseSchedule
-from model.errors import FieldError
+from dfserve.model.config import SAMPLERS, SamplerName
+from dfserve.model.diffusion import NoiseSchedule
+from dfserve.model.errors import FieldError
 
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]  # denoise(x, levels, cond) -> x0
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from model.config import SCHEDULES, ScheduleName
-from model.errors import FieldError
+from dfserve.model.config import SCHEDULES, ScheduleName
+from dfserve.model.errors import FieldError
 
 
 def pyramid(steps: int, horizon: int, uncertainty_scale: float) -> np.ndarray:

@@ -45,13 +45,13 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
-from model.bundle import build_network, save_bundle, save_example
-from model.config import BundleConfig, NetworkConfig, TrainConfig, preset, train_preset
-from model.data.shards import NO_ACTION, Episode, load_episodes, load_meta, random_windows
-from model.diffusion import NoiseSchedule
-from model.hardware import hardware
-from model.network import CausalVideoDiT
-from model.scroll import scroll_labels, scroll_loss
+from dfserve.model.bundle import build_network, save_bundle, save_example
+from dfserve.model.config import BundleConfig, NetworkConfig, TrainConfig, preset, train_preset
+from dfserve.model.data.shards import NO_ACTION, Episode, load_episodes, load_meta, random_windows
+from dfserve.model.diffusion import NoiseSchedule
+from dfserve.model.hardware import hardware
+from dfserve.model.network import CausalVideoDiT
+from dfserve.model.scroll import scroll_labels, scroll_loss
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +468,7 @@ class Trainer:
 
     def warm_start(self, bundle_dir: Path) -> None:
         """Start from a shipped bundle's weights (model and EMA); the optimizer starts fresh."""
-        from model.bundle import load_bundle
+        from dfserve.model.bundle import load_bundle
 
         bundle = load_bundle(bundle_dir)
         # convex_copy changes how the output is formed, not the weights: a warm start may
@@ -483,7 +483,7 @@ class Trainer:
     @torch.no_grad()
     def count_copy_prior(self) -> None:
         """A fresh run's copy prior starts from the training data's counts (model.copy_prior)."""
-        from model.copy_prior import count_copy_prior
+        from dfserve.model.copy_prior import count_copy_prior
 
         cfg = self.config.network
         prior = count_copy_prior(self.episodes, cfg.n_actions, cfg.patch_size, seed=self.train.seed)
@@ -545,7 +545,7 @@ def train_from_cli(args: argparse.Namespace) -> int:
 
 
 def _train_presets() -> set[str]:
-    from model.config import TRAIN_PRESETS
+    from dfserve.model.config import TRAIN_PRESETS
 
     return set(TRAIN_PRESETS)
 

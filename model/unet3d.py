@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import NetworkConfig, UNet3DConfig
+from dfserve.model.config import NetworkConfig, UNet3DConfig
 
 
 def level_embedding(levels: Tensor, dim: int) -> Tensor:

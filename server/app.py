@@ -22,15 +22,15 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.auth import AuthMiddleware
-from server.catalog import Catalog
-from server.docs import add_offline_docs
-from server.errors import ApiError, BodyTooLarge, add_error_handlers
-from server.metrics import Metrics
-from server.queue import Queue
-from server.routes import health, models, rollouts, sessions
-from server.settings import Settings
-from server.streams import EventHub
+from dfserve.server.auth import AuthMiddleware
+from dfserve.server.catalog import Catalog
+from dfserve.server.docs import add_offline_docs
+from dfserve.server.errors import ApiError, BodyTooLarge, add_error_handlers
+from dfserve.server.metrics import Metrics
+from dfserve.server.queue import Queue
+from dfserve.server.routes import health, models, rollouts, sessions
+from dfserve.server.settings import Settings
+from dfserve.server.streams import EventHub
 
 log = logging.getLogger(__name__)
 

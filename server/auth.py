@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, urlencode
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.errors import ApiError
+from dfserve.server.errors import ApiError
 
 OWNER_SCOPE = "dfserve.owner"  # the caller's owner id, in the ASGI scope (routes.deps reads it)
 

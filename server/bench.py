@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from model.bundle import Bundle, build_network, load_bundle, resolve_bundle
-from model.hardware import hardware
-from model.rollout import RolloutEngine
-from server.bench_rollouts import make_request, run_concurrent, timed, timed_call
-from server.settings import default_dtype
+from dfserve.model.bundle import Bundle, build_network, load_bundle, resolve_bundle
+from dfserve.model.hardware import hardware
+from dfserve.model.rollout import RolloutEngine
+from dfserve.server.bench_rollouts import make_request, run_concurrent, timed, timed_call
+from dfserve.server.settings import default_dtype
 
 
 def engine_figures(bundle: Bundle, device: torch.device, quick: bool) -> dict[str, Any]:
@@ -125,14 +125,14 @@ def run_bench(args: argparse.Namespace) -> int:
         "chunk_size": bundle.config.sampling.chunk_size,
     }
     if bundle.config.architecture == "unet3d":  # no cache: the engine vs the research loop
-        from server.bench_df import unet_figures
+        from dfserve.server.bench_df import unet_figures
 
         report.update(unet_figures(bundle, device, args.quick))
     else:
         report.update(engine_figures(bundle, device, args.quick))
         report.update(sampler_figures(bundle, device, args.quick))
     if not args.engine_only:  # only this half needs the HTTP and WebSocket stack
-        from server.bench_service import service_figures
+        from dfserve.server.bench_service import service_figures
 
         report.update(service_figures(path, bundle, dtype, args.quick))
     if args.json:

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.bundle import Bundle
-from model.frame_stack import frame_stack, image_channels, stack, stacked_count, unstack
-from model.rollout import RolloutEngine, RolloutRequest
-from model.samplers import SamplerState, draw_noise, sampler_step
-from model.scheduling import scheduling_matrix
-from server.bench_rollouts import run_concurrent, timed, timed_call
+from dfserve.model.bundle import Bundle
+from dfserve.model.frame_stack import frame_stack, image_channels, stack, stacked_count, unstack
+from dfserve.model.rollout import RolloutEngine, RolloutRequest
+from dfserve.model.samplers import SamplerState, draw_noise, sampler_step
+from dfserve.model.scheduling import scheduling_matrix
+from dfserve.server.bench_rollouts import run_concurrent, timed, timed_call
 
 STEPS = 4  # DDIM steps per frame for the timing (the DMLab config's 100 scale it linearly)
 

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from model.bundle import Bundle
-from model.rollout import RolloutEngine, RolloutRequest
+from dfserve.model.bundle import Bundle
+from dfserve.model.rollout import RolloutEngine, RolloutRequest
 
 T = TypeVar("T")
 

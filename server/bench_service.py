@@ -19,11 +19,11 @@ import httpx
 import torch
 from websockets.sync.client import connect
 
-from model.bundle import Bundle
-from model.rollout import RolloutEngine
-from server.bench_rollouts import make_request, run_concurrent, timed
-from server.serve import embedded_torch_threads
-from server.settings import Settings
+from dfserve.model.bundle import Bundle
+from dfserve.model.rollout import RolloutEngine
+from dfserve.server.bench_rollouts import make_request, run_concurrent, timed
+from dfserve.server.serve import embedded_torch_threads
+from dfserve.server.settings import Settings
 
 
 def _free_port() -> int:
@@ -38,8 +38,8 @@ def serving(model: Path, dtype: str = "float32") -> Iterator[str]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "DFSERVE_REDIS_URL"}  # embedded queue
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", str(model),
-         "--dtype", dtype],
+        [sys.executable, "-m", "dfserve.server.cli", "serve", "--port", str(port),
+         "--model", str(model), "--dtype", dtype],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

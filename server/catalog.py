@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.bundle import Example, describe, load_config, load_examples
-from model.config import BundleConfig
-from server.errors import ApiError, clip
-from server.settings import Settings
+from dfserve.model.bundle import Example, describe, load_config, load_examples
+from dfserve.model.config import BundleConfig
+from dfserve.server.errors import ApiError, clip
+from dfserve.server.settings import Settings
 
 
 @dataclass

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, NoReturn, get_args, get_origin
 
-from model.config import sampling_types
+from dfserve.model.config import sampling_types
 
 log = logging.getLogger("dfserve")
-OWN_LOGGERS = ("dfserve", "model", "server", "clients")  # what -v turns to DEBUG
+OWN_LOGGERS = ("dfserve",)  # what -v turns to DEBUG: dfserve.model, .server, .clients
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +54,7 @@ def is_user_error(e: BaseException) -> bool:
     dfserve server (the client's DfserveError): the user's to fix, so no traceback."""
     if isinstance(e, (ValueError, OSError)):
         return True
-    client = sys.modules.get("clients.client")  # never imported: none of its errors
+    client = sys.modules.get("dfserve.clients.client")  # never imported: none of its errors
     return client is not None and isinstance(e, client.DfserveError)
 
 
@@ -231,7 +231,7 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from server.settings import Settings
+    from dfserve.server.settings import Settings
 
     overrides = {
         "model": getattr(args, "model", None),
@@ -243,37 +243,37 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.serve import run_serve
+    from dfserve.server.serve import run_serve
 
     run_serve(_settings(args), args.host, args.port)
     return 0
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from server.serve import run_api
+    from dfserve.server.serve import run_api
 
     run_api(_settings(args), args.host, args.port)
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from server.worker import run_worker
+    from dfserve.server.worker import run_worker
 
     run_worker(_settings(args))
     return 0
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from server.rollout_cli import check_files, run_local, run_remote
+    from dfserve.server.rollout_cli import check_files, run_local, run_remote
 
     check_files(args)  # before loading a model or calling a server
     return run_remote(args) if args.url else run_local(args)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from server.catalog import Catalog
-    from server.routes.models import model_list
-    from server.settings import Settings
+    from dfserve.server.catalog import Catalog
+    from dfserve.server.routes.models import model_list
+    from dfserve.server.settings import Settings
 
     # The server's own catalog and limits, so --json is exactly what GET /v1/models answers.
     flags = {"models_dir": args.models_dir, "model": args.model}
@@ -291,7 +291,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
-    from model.data.crafter import generate_dataset
+    from dfserve.model.data.crafter import generate_dataset
 
     out = generate_dataset(args.out, args.episodes, args.steps, args.seed_start, args.workers,
                            size=args.size)
@@ -300,25 +300,25 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from model.train import train_from_cli
+    from dfserve.model.train import train_from_cli
 
     return train_from_cli(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from model.evaluate import evaluate_from_cli
+    from dfserve.model.evaluate import evaluate_from_cli
 
     return evaluate_from_cli(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from server.bench import run_bench
+    from dfserve.server.bench import run_bench
 
     return run_bench(args)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from model.importers.diffusion_forcing import import_checkpoint
+    from dfserve.model.importers.diffusion_forcing import import_checkpoint
 
     out = import_checkpoint(args.checkpoint, args.out, args.config, args.name)
     print(f"wrote {out} (serve it: dfserve serve --model {out})")

@@ -39,21 +39,25 @@ def add_offline_docs(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     def swagger_ui(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
+        spec, assets = _urls(app, request)
         return get_swagger_ui_html(
-            openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - Swagger UI",
-            swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js",
-            swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
-            swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
+            openapi_url=spec, title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets}/swagger-ui.css", swagger_favicon_url=f"{assets}/favicon.png",
             swagger_ui_parameters=SWAGGER_PARAMETERS)  # fmt: skip
 
     @app.get("/redoc", include_in_schema=False)
     def redoc(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
-        return get_redoc_html(
-            openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{root}{ASSETS_URL}/redoc.offline.js",
-            redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png", with_google_fonts=False)
+        spec, assets = _urls(app, request)
+        return get_redoc_html(openapi_url=spec, title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{assets}/redoc.offline.js",
+                              redoc_favicon_url=f"{assets}/favicon.png", with_google_fonts=False)
+
+
+def _urls(app: FastAPI, request: Request) -> tuple[str, str]:
+    """The OpenAPI document's and the assets' URLs, behind a proxy's root_path too."""
+    root = request.scope.get("root_path", "")
+    return f"{root}{app.openapi_url}", f"{root}{ASSETS_URL}"
 
 
 @cache

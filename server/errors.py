@@ -23,8 +23,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
 
-from model.errors import FieldError
-from server.queue import Queue, QueueFull
+from dfserve.model.errors import FieldError
+from dfserve.server.queue import Queue, QueueFull
 
 log = logging.getLogger(__name__)
 

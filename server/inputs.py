@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.bundle import Example
-from model.config import BundleConfig
-from model.errors import FieldError
-from model.frame_stack import max_context_frames
-from server import video
+from dfserve.model.bundle import Example
+from dfserve.model.config import BundleConfig
+from dfserve.model.errors import FieldError
+from dfserve.model.frame_stack import max_context_frames
+from dfserve.server import video
 
 MAX_VIDEO_FRAMES = 256  # frames decoded from one context video (only the last ones are kept)
 # pixels (frames x width x height) all of a request's context may decode to (the default of

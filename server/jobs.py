@@ -17,15 +17,15 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, field_serializer, field_validator
 
-from model.config import BundleConfig, SamplingConfig
-from model.errors import FieldError
-from model.request import resolve, rollout_request
-from model.rollout import RolloutRequest
-from server import video
-from server.errors import queue_full_error
-from server.inputs import Context
-from server.queue import Job, Queue, QueueFull
-from server.schemas import RolloutParams, SessionStart, sampling_overrides
+from dfserve.model.config import BundleConfig, SamplingConfig
+from dfserve.model.errors import FieldError
+from dfserve.model.request import resolve, rollout_request
+from dfserve.model.rollout import RolloutRequest
+from dfserve.server import video
+from dfserve.server.errors import queue_full_error
+from dfserve.server.inputs import Context
+from dfserve.server.queue import Job, Queue, QueueFull
+from dfserve.server.schemas import RolloutParams, SessionStart, sampling_overrides
 
 MAX_FPS = 120
 SEED_RANGE = 2**32  # a seed drawn for a request that gives none

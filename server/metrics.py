@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.queue import JobStatus, Queue
+from dfserve.server.queue import JobStatus, Queue
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

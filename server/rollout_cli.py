@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from server import video
+from dfserve.server import video
 
 log = logging.getLogger(__name__)
 # -o by suffix; a path ending in "/", an existing folder or no suffix is a folder of PNGs.
@@ -19,7 +19,7 @@ ENCODERS = {".mp4": video.encode_mp4, ".gif": video.encode_gif, ".webm": video.e
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling flags given (server/cli.py makes one per SamplingConfig field)."""
-    from model.request import SAMPLING_FIELDS
+    from dfserve.model.request import SAMPLING_FIELDS
 
     return {k: getattr(args, k) for k in SAMPLING_FIELDS if getattr(args, k, None) is not None}
 
@@ -83,9 +83,9 @@ def write_output(frames: list[np.ndarray], out: Path, fps: int) -> None:
 def run_local(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from model.bundle import load_bundle, resolve_bundle
-    from model.request import prepare
-    from model.rollout import RolloutEngine
+    from dfserve.model.bundle import load_bundle, resolve_bundle
+    from dfserve.model.request import prepare
+    from dfserve.model.rollout import RolloutEngine
 
     bundle = load_bundle(resolve_bundle(args.model))
     context = read_context(args, bundle.config.network.resolution)
@@ -118,7 +118,7 @@ def run_local(args: argparse.Namespace) -> int:
 
 
 def run_remote(args: argparse.Namespace) -> int:
-    from clients.remote_cli import run_remote as remote
+    from dfserve.clients.remote_cli import run_remote as remote
 
     def encode(pngs: list[bytes], fps: int) -> None:  # -o x.gif / x.webm from the stream
         write_output([video.decode_image(p) for p in pngs], args.output, fps)

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from model.config import sampling_types
-from server.queue import JobStatus
+from dfserve.model.config import sampling_types
+from dfserve.server.queue import JobStatus
 
 Action = int | str
 # A job's status as the API shows it: the queue's JobStatus, plus "cancelling" for a running

@@ -14,10 +14,10 @@ import threading
 
 import uvicorn
 
-from server.app import create_app
-from server.queue import Queue
-from server.settings import Settings
-from server.worker import build_worker
+from dfserve.server.app import create_app
+from dfserve.server.queue import Queue
+from dfserve.server.settings import Settings
+from dfserve.server.worker import build_worker
 
 log = logging.getLogger(__name__)
 

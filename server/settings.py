@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model.bundle import find_bundles, load_config
+from dfserve.model.bundle import find_bundles, load_config
 
 
 def _split(value: Any) -> Any:
@@ -86,7 +86,7 @@ class Settings(BaseSettings):
 
     def redis_client(self, fake_server: Any = None) -> Any:
         """A Redis client for redis_url (or the embedded fake_server) with these settings."""
-        from server.queue import connect
+        from dfserve.server.queue import connect
 
         return connect(self.redis_url, fake_server, self.redis_timeout_s,
                        self.redis_max_connections)

@@ -30,7 +30,7 @@ from typing import Any
 import redis
 from starlette.concurrency import run_in_threadpool
 
-from server.queue import Event, Job, JobStatus, Queue, events_cursor, stream_id
+from dfserve.server.queue import Event, Job, JobStatus, Queue, events_cursor, stream_id
 
 log = logging.getLogger(__name__)
 

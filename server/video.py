@@ -13,15 +13,16 @@ import collections
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import av
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model.media import TO_YUV, check_frame, mp4_boxes
-from model.media import encode_mp4 as encode_mp4  # re-exported: the service's video.encode_mp4
+from dfserve.model.media import check_frame, encode_video, mp4_boxes
+from dfserve.model.media import (
+    encode_mp4 as encode_mp4,  # re-exported: the service's video.encode_mp4
+)
 
 if TYPE_CHECKING:
     import torch
@@ -45,25 +46,7 @@ class VideoInfo:
 
 def encode_webm(frames: Sequence[np.ndarray], fps: int) -> bytes:
     """Encode RGB frames as WebM: VP9, yuv420p, even size (padded like encode_mp4)."""
-    if len(frames) == 0 or fps <= 0:
-        raise ValueError(f"need frames and fps > 0, got {len(frames)} frames at fps={fps}")
-    h, w = check_frame(frames[0]).shape[:2]
-    pad_h, pad_w = h % 2, w % 2
-    buf = io.BytesIO()
-    time_base = Fraction(1, fps)
-    with av.open(buf, mode="w", format="webm") as container:
-        stream = container.add_stream("libvpx-vp9", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w + pad_w, h + pad_h, "yuv420p"
-        stream.codec_context.time_base = time_base
-        stream.options = {"crf": "20", "b:v": "0"}  # constant quality, no bitrate cap
-        for i, f in enumerate(frames):
-            f = np.pad(check_frame(f), ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
-            vf = vf.reformat(format="yuv420p", interpolation=TO_YUV)
-            vf.pts, vf.time_base = i, time_base
-            container.mux(stream.encode(vf))
-        container.mux(stream.encode(None))
-    return buf.getvalue()
+    return encode_video(frames, fps, "webm", "libvpx-vp9", {"crf": "20", "b:v": "0"})  # CQ
 
 
 def encode_gif(frames: Sequence[np.ndarray], fps: int) -> bytes:

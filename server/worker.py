@@ -31,14 +31,14 @@ import numpy as np
 import redis
 import torch
 
-from model.bundle import Bundle, load_bundle
-from model.errors import FieldError
-from model.request import default_action, prepare
-from model.rollout import RolloutEngine, RolloutRequest, RolloutState
-from server import video
-from server.jobs import JobSpec
-from server.queue import ClaimedJob, JobStatus, Queue
-from server.settings import Settings
+from dfserve.model.bundle import Bundle, load_bundle
+from dfserve.model.errors import FieldError
+from dfserve.model.request import default_action, prepare
+from dfserve.model.rollout import RolloutEngine, RolloutRequest, RolloutState
+from dfserve.server import video
+from dfserve.server.jobs import JobSpec
+from dfserve.server.queue import ClaimedJob, JobStatus, Queue
+from dfserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 

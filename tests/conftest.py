@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.bundle import build_network, load_bundle, save_bundle, save_example
-from model.config import preset
+from dfserve.model.bundle import build_network, load_bundle, save_bundle, save_example
+from dfserve.model.config import preset
 
 
 def make_tiny_bundle(path: Path, seed: int = 0) -> Path:

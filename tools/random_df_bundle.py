@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from model.bundle import save_bundle
-from model.importers.df_config import bundle_config, load_df_config
-from model.unet3d import UNet3D
+from dfserve.model.bundle import save_bundle
+from dfserve.model.importers.df_config import bundle_config, load_df_config
+from dfserve.model.unet3d import UNet3D
 
 
 def main() -> None:

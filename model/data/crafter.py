@@ -39,7 +39,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from model.data.shards import META_FILE, NO_ACTION, SHARD_PATTERN, Episode, write_meta, write_shard
+from dfserve.model.data.shards import (
+    META_FILE,
+    NO_ACTION,
+    SHARD_PATTERN,
+    Episode,
+    write_meta,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 

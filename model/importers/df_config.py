@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, cast
 
-from model.config import (
+from dfserve.model.config import (
     BundleConfig,
     DataConfig,
     DiffusionConfig,

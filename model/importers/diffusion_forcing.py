@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.bundle import save_bundle
-from model.config import BundleConfig
-from model.frame_stack import frame_stack
-from model.importers.df_config import bundle_config, load_df_config
-from model.unet3d import UNet3D
+from dfserve.model.bundle import save_bundle
+from dfserve.model.config import BundleConfig
+from dfserve.model.frame_stack import frame_stack
+from dfserve.model.importers.df_config import bundle_config, load_df_config
+from dfserve.model.unet3d import UNet3D
 
 UNET_PREFIX = "diffusion_model.model.module."
 # EMA copies, preferred when present: ema-pytorch / torch-ema style prefixes in the

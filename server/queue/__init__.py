@@ -15,14 +15,14 @@ One file per concern, each a part of `Queue`:
 
 from __future__ import annotations
 
-from server.queue.events import EventStreams
-from server.queue.health import Health
-from server.queue.keys import GROUP, MAX_INDEX, Keys, events_cursor, stream_id
-from server.queue.leases import DEAD_MAXLEN, Leases
-from server.queue.records import ClaimedJob, Event, Job, JobStatus
-from server.queue.sessions import Sessions
-from server.queue.store import PENDING_TTL_S, connect
-from server.queue.submit import MAX_OWNED, QueueFull
+from dfserve.server.queue.events import EventStreams
+from dfserve.server.queue.health import Health
+from dfserve.server.queue.keys import GROUP, MAX_INDEX, Keys, events_cursor, stream_id
+from dfserve.server.queue.leases import DEAD_MAXLEN, Leases
+from dfserve.server.queue.records import ClaimedJob, Event, Job, JobStatus
+from dfserve.server.queue.sessions import Sessions
+from dfserve.server.queue.store import PENDING_TTL_S, connect
+from dfserve.server.queue.submit import MAX_OWNED, QueueFull
 
 __all__ = [
     "DEAD_MAXLEN", "GROUP", "MAX_INDEX", "MAX_OWNED", "PENDING_TTL_S", "ClaimedJob", "Event",

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import redis
 
-from server.queue.keys import MAX_INDEX, events_cursor, frame_id
-from server.queue.records import Event, parse_event, text
-from server.queue.store import Store
+from dfserve.server.queue.keys import MAX_INDEX, events_cursor, frame_id
+from dfserve.server.queue.records import Event, parse_event, text
+from dfserve.server.queue.store import Store
 
 
 class EventStreams(Store):

@@ -7,8 +7,8 @@ import json
 import time
 from typing import Any
 
-from server.queue.records import JobStatus, text
-from server.queue.store import Store
+from dfserve.server.queue.records import JobStatus, text
+from dfserve.server.queue.store import Store
 
 
 class Health(Store):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import cast
 
-from server.queue.records import Job, parse_job, text
-from server.queue.store import Store
+from dfserve.server.queue.records import Job, parse_job, text
+from dfserve.server.queue.store import Store
 
 
 class Jobs(Store):

@@ -17,9 +17,9 @@ from typing import Any
 
 import redis
 
-from server.queue.keys import GROUP, STARTED_ID
-from server.queue.lifecycle import Lifecycle
-from server.queue.records import ClaimedJob, Job, JobStatus, add_note, is_live, text
+from dfserve.server.queue.keys import GROUP, STARTED_ID
+from dfserve.server.queue.lifecycle import Lifecycle
+from dfserve.server.queue.records import ClaimedJob, Job, JobStatus, add_note, is_live, text
 
 log = logging.getLogger(__name__)
 

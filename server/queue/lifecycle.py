@@ -10,9 +10,9 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from server.queue.jobs import Jobs
-from server.queue.keys import done_id
-from server.queue.records import ClaimedJob, Job, JobStatus, status_of, text
+from dfserve.server.queue.jobs import Jobs
+from dfserve.server.queue.keys import done_id
+from dfserve.server.queue.records import ClaimedJob, Job, JobStatus, status_of, text
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from server.queue.records import Job, text
-from server.queue.submit import Submission
+from dfserve.server.queue.records import Job, text
+from dfserve.server.queue.submit import Submission
 
 
 class Sessions(Submission):

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from server.queue.keys import GROUP, Keys
+from dfserve.server.queue.keys import GROUP, Keys
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import redis
 
-from server.queue.jobs import Jobs
-from server.queue.records import Job, JobStatus, parse_job, text
+from dfserve.server.queue.jobs import Jobs
+from dfserve.server.queue.records import Job, JobStatus, parse_job, text
 
 log = logging.getLogger(__name__)
 

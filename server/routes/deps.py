@@ -8,12 +8,12 @@ from typing import Annotated, cast
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
-from server.auth import OWNER_SCOPE
-from server.catalog import Catalog
-from server.errors import ApiError
-from server.queue import Job, Queue
-from server.settings import Settings
-from server.streams import EventHub
+from dfserve.server.auth import OWNER_SCOPE
+from dfserve.server.catalog import Catalog
+from dfserve.server.errors import ApiError
+from dfserve.server.queue import Job, Queue
+from dfserve.server.settings import Settings
+from dfserve.server.streams import EventHub
 
 
 def get_owner(conn: HTTPConnection) -> str | None:

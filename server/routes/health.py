@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from server.auth import KeyChecker, presented_key
-from server.metrics import CONTENT_TYPE
-from server.routes.deps import QueueDep, SettingsDep
-from server.schemas import Health, Ready
-from server.settings import Settings
+from dfserve.server.auth import KeyChecker, presented_key
+from dfserve.server.metrics import CONTENT_TYPE
+from dfserve.server.routes.deps import QueueDep, SettingsDep
+from dfserve.server.schemas import Health, Ready
+from dfserve.server.settings import Settings
 
 router = APIRouter(tags=["health"])
 

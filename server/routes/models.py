@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.catalog import Catalog
-from server.errors import ApiError
-from server.routes.deps import CatalogDep
-from server.schemas import ErrorBody, ModelInfo, ModelList
+from dfserve.server.catalog import Catalog
+from dfserve.server.errors import ApiError
+from dfserve.server.routes.deps import CatalogDep
+from dfserve.server.schemas import ErrorBody, ModelInfo, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

@@ -21,13 +21,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.websockets import WebSocketDisconnect
 
-from server import video
-from server.catalog import Catalog
-from server.errors import ApiError, clip, validation_error
-from server.inputs import Upload, decode_context
-from server.jobs import enqueue, job_notes, job_spec, shown_params
-from server.queue import Event, Job, JobStatus, Queue
-from server.routes.deps import (
+from dfserve.server import video
+from dfserve.server.catalog import Catalog
+from dfserve.server.errors import ApiError, clip, validation_error
+from dfserve.server.inputs import Upload, decode_context
+from dfserve.server.jobs import enqueue, job_notes, job_spec, shown_params
+from dfserve.server.queue import Event, Job, JobStatus, Queue
+from dfserve.server.routes.deps import (
     CatalogDep,
     HubDep,
     OwnedJobDep,
@@ -37,7 +37,7 @@ from server.routes.deps import (
     job_not_found,
     visible_job,
 )
-from server.schemas import (
+from dfserve.server.schemas import (
     ErrorBody,
     JobState,
     Links,
@@ -49,8 +49,8 @@ from server.schemas import (
     RolloutStatus,
     RolloutSummary,
 )
-from server.settings import Settings
-from server.streams import pump_events
+from dfserve.server.settings import Settings
+from dfserve.server.streams import pump_events
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])

@@ -38,19 +38,19 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
-from model.bundle import action_index
-from model.config import BundleConfig
-from model.errors import FieldError
-from server import video
-from server.catalog import Catalog
-from server.errors import ApiError, field_error, validation_error
-from server.inputs import decode_context
-from server.jobs import JobSpec, enqueue, job_spec
-from server.queue import Event, Job, Queue
-from server.routes.deps import CatalogDep, HubDep, OwnerDep, QueueDep, SettingsDep
-from server.schemas import SessionStart
-from server.settings import Settings
-from server.streams import EventHub, pump_events
+from dfserve.model.bundle import action_index
+from dfserve.model.config import BundleConfig
+from dfserve.model.errors import FieldError
+from dfserve.server import video
+from dfserve.server.catalog import Catalog
+from dfserve.server.errors import ApiError, field_error, validation_error
+from dfserve.server.inputs import decode_context
+from dfserve.server.jobs import JobSpec, enqueue, job_spec
+from dfserve.server.queue import Event, Job, Queue
+from dfserve.server.routes.deps import CatalogDep, HubDep, OwnerDep, QueueDep, SettingsDep
+from dfserve.server.schemas import SessionStart
+from dfserve.server.settings import Settings
+from dfserve.server.streams import EventHub, pump_events
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from clients import (
+from dfserve.clients import (
     AsyncClient,
     BadRequest,
     Client,
@@ -28,9 +28,9 @@ from clients import (
     SessionEnded,
     Unauthorized,
 )
-from clients.client import Progress, Rollout, RolloutStatus
-from model.bundle import find_bundles
-from server import video
+from dfserve.clients.client import Progress, Rollout, RolloutStatus
+from dfserve.model.bundle import find_bundles
+from dfserve.server import video
 from tests.clients.conftest import Server
 from tests.e2e.conftest import DFSERVE
 

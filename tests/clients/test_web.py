@@ -16,7 +16,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
-from server import video
+from dfserve.server import video
 from tests.clients.conftest import Server
 
 CHROMIUM = Path("/usr/bin/chromium")

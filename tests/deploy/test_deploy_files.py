@@ -8,6 +8,7 @@ Each validator is also shown a broken file, so a validator that accepts anything
 from __future__ import annotations
 
 import ast
+import json
 import re
 import shlex
 import subprocess
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from server.settings import Settings
+from dfserve.server.settings import Settings
 from tests.deploy import (
     COMPOSE,
     CPU_OVERRIDE,
@@ -256,7 +257,7 @@ def test_dockerfile_is_multi_stage_with_a_lean_non_root_runtime() -> None:
         if word == "RUN" and "pip install" in args:
             assert "--no-cache-dir" in args, args
     # the build fails when the installed package (not the source tree: -I) has no model
-    assert "python -I -c \"from model.bundle import find_bundles" in run
+    assert "python -I -c \"from dfserve.model.bundle import find_bundles" in run
 
     # the runtime: only the venv from the builder, no build tools, a non-root user
     words = [w for w, _ in runtime]
@@ -322,8 +323,9 @@ def test_healthcheck_script_is_plain_python() -> None:
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}  # fmt: skip
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported & {"torch", "model", "model.bundle", "server.settings"} == set(), imported
-    assert "server.queue" in imported  # the Redis knowledge stays in server/queue/
+    assert imported & {"torch", "dfserve.model", "dfserve.model.bundle",
+                        "dfserve.server.settings"} == set(), imported
+    assert "dfserve.server.queue" in imported  # the Redis knowledge stays in server/queue/
 
 
 # ---------------------------------------------------------------------------- docs
@@ -337,3 +339,21 @@ def test_deployment_docs_cover_every_setting_and_the_commands() -> None:
                    "nvidia-container-toolkit", "/readyz", "TORCH_VARIANT", "Kubernetes",
                    "DFSERVE_API_KEYS", "stop_grace_period"):  # fmt: skip
         assert phrase in text, phrase
+
+
+# ---------------------------------------------------------------------------- packaging
+
+
+def test_the_package_installs_under_dfserve_only(tmp_path: Path) -> None:
+    """From outside the checkout, the installed dfserve has its three parts under one name
+    and no generic top-level `model`, `server` or `clients` (a user's model.py must not
+    shadow ours, nor ours theirs); the bundled model and the viewer come with it."""
+    probe = ("import importlib.util as u, json; from dfserve.model.bundle import find_bundles; "
+             "from dfserve.clients import Client; import dfserve.server.app as app; "
+             "print(json.dumps({'top': [u.find_spec(n) is not None for n in "
+             "('model', 'server', 'clients')], 'bundles': sorted(find_bundles()), "
+             "'viewer': (app.VIEWER / 'index.html').is_file()}))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, check=True).stdout  # fmt: skip
+    assert json.loads(out) == {"top": [False, False, False], "bundles": ["crafter-cpu"],
+                               "viewer": True}  # fmt: skip

@@ -42,7 +42,7 @@ import pytest
 from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
-from model.bundle import find_bundles, load_config
+from dfserve.model.bundle import find_bundles, load_config
 from tests.deploy import COMPOSE, CPU_OVERRIDE, HEALTHCHECK, IMAGE_HEALTHCHECK, load_compose
 from tests.deploy.test_deploy_files import seconds
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from server import video
+from dfserve.server import video
 from tests.e2e.conftest import Proc, dfserve_cmd, free_port, spawn, stream, wait_ready
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.bundle import describe, find_bundles, load_bundle, load_config, resolve_bundle
+from dfserve.model.bundle import describe, find_bundles, load_bundle, load_config, resolve_bundle
 
 
 def test_round_trip_keeps_every_weight(tiny_bundle_dir, tiny_bundle):

@@ -14,18 +14,19 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from model.config import SamplingConfig, sampling_types
-from server.app import create_app
-from server.cli import build_parser
-from server.queue import Queue
-from server.rollout_cli import sampling_overrides
-from server.settings import Settings
-from server.video import decode_video, probe_mp4
+from dfserve.model.config import SamplingConfig, sampling_types
+from dfserve.server.app import create_app
+from dfserve.server.cli import build_parser
+from dfserve.server.queue import Queue
+from dfserve.server.rollout_cli import sampling_overrides
+from dfserve.server.settings import Settings
+from dfserve.server.video import decode_video, probe_mp4
 
 
 def dfserve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "dfserve.server.cli", *args], capture_output=True, text=True,
+        timeout=300,
     )
 
 
@@ -111,7 +112,7 @@ def test_every_user_error_is_one_line_and_exit_code_2(args, named, tiny_bundle_d
     subst = {"{tiny}": str(tiny_bundle_dir), "{junk}": str(junk), "{tmp}": str(tmp_path)}
     args = [subst.get(a, a).replace("{tmp}", str(tmp_path)) for a in args]
     monkeypatch.delenv("DFSERVE_REDIS_URL", raising=False)
-    r = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "dfserve.server.cli", *args], capture_output=True,
                        text=True, timeout=300, cwd=tmp_path)  # fmt: skip
     errors = [line for line in r.stderr.splitlines() if " error: " in line]
     assert r.returncode == 2, r.stderr
@@ -122,7 +123,7 @@ def test_every_user_error_is_one_line_and_exit_code_2(args, named, tiny_bundle_d
 
 def test_a_closed_pipe_is_one_error_line_not_a_traceback(tiny_bundle_dir):
     """`dfserve models --json | head -c 1`: the reader is gone before dfserve writes."""
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "models", "--json",
+    proc = subprocess.Popen([sys.executable, "-m", "dfserve.server.cli", "models", "--json",
                              "--models-dir", str(tiny_bundle_dir.parent)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stderr is not None
@@ -154,9 +155,9 @@ def test_verbose_logs_dfserve_debug_lines_without_library_noise(tiny_bundle_dir,
     r = dfserve("-v", "rollout", "--local", "--model", str(tiny_bundle_dir), "--context",
                 str(ctx), "--frames", "2", "--steps", "2", "-o", str(tmp_path / "o.gif"))
     assert r.returncode == 0, r.stderr
-    assert "DEBUG server.rollout_cli" in r.stderr, r.stderr  # -v does turn on our debug lines
+    assert "DEBUG dfserve.server.rollout_cli" in r.stderr, r.stderr  # -v turns on our debug
     debug = [line for line in r.stderr.splitlines() if " DEBUG " in line]
-    assert all(" DEBUG server." in line or " DEBUG model." in line for line in debug), debug
+    assert all(" DEBUG dfserve." in line for line in debug), debug
 
 
 def test_rollout_local_takes_the_context_noise_mode(tiny_bundle_dir, tmp_path):
@@ -166,7 +167,7 @@ def test_rollout_local_takes_the_context_noise_mode(tiny_bundle_dir, tmp_path):
                 "random", "--frames", "2", "--steps", "2", "--context-noise", "500",
                 "--context-noise-mode", "noised", "-o", str(tmp_path / "o.gif"))  # fmt: skip
     assert r.returncode == 0, r.stderr
-    (line,) = [x for x in r.stderr.splitlines() if "DEBUG server.rollout_cli" in x]
+    (line,) = [x for x in r.stderr.splitlines() if "DEBUG dfserve.server.rollout_cli" in x]
     assert "context_noise=500" in line and "context_noise_mode='noised'" in line, line
 
 

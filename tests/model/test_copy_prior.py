@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.copy_prior import choice_distribution, count_copy_prior, pixel_sets
-from model.data.shards import Episode
-from model.network import COPY_SHIFTS
+from dfserve.model.copy_prior import choice_distribution, count_copy_prior, pixel_sets
+from dfserve.model.data.shards import Episode
+from dfserve.model.network import COPY_SHIFTS
 
 PATCH, TILES = 4, 6
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import crafter as gen
-from model.data.crafter import (
+from dfserve.model.data import crafter as gen
+from dfserve.model.data.crafter import (
     CRAFTER_ACTIONS,
     HELDOUT_SEED_START,
     MOVES,
@@ -23,7 +23,7 @@ from model.data.crafter import (
     generate_dataset,
     run_episode,
 )
-from model.data.shards import (
+from dfserve.model.data.shards import (
     Episode,
     WindowDataset,
     load_episodes,

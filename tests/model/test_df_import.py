@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from model.bundle import load_bundle
-from model.importers.diffusion_forcing import import_checkpoint, read_checkpoint
-from model.rollout import RolloutEngine, RolloutRequest, RolloutState
+from dfserve.model.bundle import load_bundle
+from dfserve.model.importers.diffusion_forcing import import_checkpoint, read_checkpoint
+from dfserve.model.rollout import RolloutEngine, RolloutRequest, RolloutState
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "diffusion_forcing"
 CKPT = FIXTURE / "reference.ckpt"
@@ -161,7 +161,7 @@ def test_whole_rollout_matches_the_reference(imported: Path,
     states = [engine.start(r) for r in requests]
     owner = {id(st.generator): b for b, st in enumerate(states)}
     drawn = [0, 0]
-    monkeypatch.setattr("model.rollout.draw_noise", reference_noise(noises, owner, drawn))
+    monkeypatch.setattr("dfserve.model.rollout.draw_noise", reference_noise(noises, owner, drawn))
     frames: list[list[torch.Tensor]] = [[], []]
     while not all(st.done for st in states):
         for b, out in enumerate(engine.step(states)):
@@ -177,8 +177,8 @@ def test_whole_rollout_matches_the_reference(imported: Path,
                          [("dmlab", 64, 16, "cosine"), ("minecraft", 128, 10, "sigmoid")])
 def test_presets_are_the_reference_configs(preset: str, resolution: int, window: int,
                                            beta: str) -> None:  # fmt: skip
-    from model.importers.df_config import bundle_config, load_df_config
-    from model.unet3d import UNet3D
+    from dfserve.model.importers.df_config import bundle_config, load_df_config
+    from dfserve.model.unet3d import UNet3D
 
     config = bundle_config(load_df_config(preset), preset)
     assert (config.network.resolution, config.network.max_frames) == (resolution, window)
@@ -219,7 +219,7 @@ def test_frame_stack_2_forward_matches_the_reference(imported_fs2: Path) -> None
 def test_frame_stack_2_bundle_counts_stacked_frames_inside_single_ones_outside(
     imported_fs2: Path,
 ) -> None:
-    from model.bundle import describe
+    from dfserve.model.bundle import describe
 
     c = load_bundle(imported_fs2).config
     assert c.unet is not None and c.unet.frame_stack == 2
@@ -261,7 +261,7 @@ def test_frame_stack_2_whole_rollout_matches_the_reference(
     owner = {}
     drawn = [0, 0]
     # stacked: the noise has 6 channels
-    monkeypatch.setattr("model.rollout.draw_noise", reference_noise(noises, owner, drawn))
+    monkeypatch.setattr("dfserve.model.rollout.draw_noise", reference_noise(noises, owner, drawn))
     start = engine.start
 
     def start_and_own(request: RolloutRequest) -> RolloutState:
@@ -284,7 +284,7 @@ def test_frame_stack_2_context_must_fill_stacked_frames(imported_fs2: Path) -> N
     frame_stack is refused, by the engine and by the request preparation the API uses."""
     import numpy as np
 
-    from model.request import prepare
+    from dfserve.model.request import prepare
 
     bundle = load_bundle(imported_fs2)
     engine = RolloutEngine(bundle)
@@ -371,7 +371,7 @@ def test_bench_research_loop_agrees_with_the_engine(
 ) -> None:
     """`dfserve bench`'s re-expression of the research loop (stacking too) gives the engine's
     frames, in single frames, so its speed figure compares like with like."""
-    from server.bench_df import requests, research_loop, unet_figures
+    from dfserve.server.bench_df import requests, research_loop, unet_figures
 
     bundle = load_bundle(request.getfixturevalue(which))
     one = requests(bundle, 1, 4)[0]

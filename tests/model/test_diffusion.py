@@ -13,9 +13,9 @@ from fractions import Fraction
 import pytest
 import torch
 
-from model import samplers, scheduling
-from model.config import BETA_SCHEDULES, OBJECTIVES, SAMPLERS, DiffusionConfig
-from model.diffusion import (
+from dfserve.model import samplers, scheduling
+from dfserve.model.config import BETA_SCHEDULES, OBJECTIVES, SAMPLERS, DiffusionConfig
+from dfserve.model.diffusion import (
     NoiseSchedule,
     cosine_betas,
     linear_betas,

@@ -12,10 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from model.bundle import build_network, load_bundle, save_bundle
-from model.config import CRAFTER_ACTIONS, BundleConfig, DataConfig, NetworkConfig, SamplingConfig
-from model.data.crafter import run_episode
-from model.evaluate import (
+from dfserve.model.bundle import build_network, load_bundle, save_bundle
+from dfserve.model.config import (
+    CRAFTER_ACTIONS,
+    BundleConfig,
+    DataConfig,
+    NetworkConfig,
+    SamplingConfig,
+)
+from dfserve.model.data.crafter import run_episode
+from dfserve.model.evaluate import (
     EVAL_END,
     EVAL_START,
     EvalSettings,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model.network import BatchKV
+from dfserve.model.network import BatchKV
 
 
 def inputs(net, frames: int = 6, batch: int = 2, seed: int = 0):
@@ -78,7 +78,7 @@ def test_copy_shifts_choose_a_shifted_previous_frame(tiny_bundle):
     is the previous frame's input moved by exactly that choice's patch offset."""
     import copy
 
-    from model.network import COPY_SHIFTS, shift_frames
+    from dfserve.model.network import COPY_SHIFTS, shift_frames
 
     net = copy.deepcopy(tiny_bundle.network)
     assert net.cfg.copy_shifts
@@ -100,7 +100,7 @@ def test_copy_action_prior_picks_the_shift_per_action(tiny_bundle):
     chooses which shifted copy it gets (here action 1 -> moved right, 2 -> moved left)."""
     import copy
 
-    from model.network import COPY_SHIFTS, shift_frames
+    from dfserve.model.network import COPY_SHIFTS, shift_frames
 
     net = copy.deepcopy(tiny_bundle.network)
     P = net.cfg.patch_size

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from model.bundle import Bundle
-from model.config import SCHEDULES, SamplingConfig
-from model.rollout import KVCache, RolloutEngine, RolloutRequest
+from dfserve.model.bundle import Bundle
+from dfserve.model.config import SCHEDULES, SamplingConfig
+from dfserve.model.rollout import KVCache, RolloutEngine, RolloutRequest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -239,7 +239,7 @@ def test_cache_equals_recompute_when_frames_see_the_previous_level(tiny_bundle, 
     """previous_level: the first frame after the cached history is told its stacked frame's
     level through before_level; it must be the level a recompute gives that frame (the context
     level), or the cache would change the samples."""
-    from model.bundle import build_network
+    from dfserve.model.bundle import build_network
 
     network = dataclasses.replace(tiny_bundle.config.network, previous_level=True)
     config = dataclasses.replace(tiny_bundle.config, network=network)

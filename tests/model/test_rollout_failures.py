@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-import model.rollout
-from model.bundle import Bundle
-from model.rollout import RolloutEngine, RolloutRequest, RolloutState
+from dfserve.model import rollout as rollout_module
+from dfserve.model.bundle import Bundle
+from dfserve.model.rollout import RolloutEngine, RolloutRequest, RolloutState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,7 +44,7 @@ def test_a_step_that_fails_after_the_forward_changes_no_rollout(tiny_bundle, mon
                 for seed in (1, 2)]  # fmt: skip
     expected = [alone(engine, r) for r in requests]
 
-    real_step = model.rollout.sampler_step
+    real_step = rollout_module.sampler_step
     calls = {"n": 0}
 
     def second_call_fails(*args, **kwargs):
@@ -58,12 +58,12 @@ def test_a_step_that_fails_after_the_forward_changes_no_rollout(tiny_bundle, mon
     failures = 0
     while not all(st.done for st in states):
         calls["n"] = 0
-        monkeypatch.setattr(model.rollout, "sampler_step", second_call_fails)
+        monkeypatch.setattr(rollout_module, "sampler_step", second_call_fails)
         try:
             outputs = engine.step(states)
         except Injected:
             failures += 1
-            monkeypatch.setattr(model.rollout, "sampler_step", real_step)
+            monkeypatch.setattr(rollout_module, "sampler_step", real_step)
             outputs = [engine.step([st])[0] for st in states]  # the worker's fallback
         for mine, out in zip(got, outputs, strict=True):
             mine += out

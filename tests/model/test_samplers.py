@@ -21,10 +21,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from model import samplers, scheduling
-from model.config import SAMPLERS, DiffusionConfig
-from model.diffusion import NoiseSchedule
-from model.errors import FieldError
+from dfserve.model import samplers, scheduling
+from dfserve.model.config import SAMPLERS, DiffusionConfig
+from dfserve.model.diffusion import NoiseSchedule
+from dfserve.model.errors import FieldError
 
 F64 = torch.float64
 T = 1000

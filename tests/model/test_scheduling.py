@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model import scheduling
-from model.config import SCHEDULES
-from model.errors import FieldError
+from dfserve.model import scheduling
+from dfserve.model.config import SCHEDULES
+from dfserve.model.errors import FieldError
 
 STEPS = range(1, 13)
 HORIZONS = range(1, 10)

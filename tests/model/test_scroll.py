@@ -9,10 +9,10 @@ import dataclasses
 import pytest
 import torch
 
-from model.config import preset, train_preset
-from model.network import BatchKV, CausalVideoDiT
-from model.scroll import COPY_SHIFTS, scroll_labels, scroll_view, shift_frames
-from model.train import Trainer, diffusion_loss
+from dfserve.model.config import preset, train_preset
+from dfserve.model.network import BatchKV, CausalVideoDiT
+from dfserve.model.scroll import COPY_SHIFTS, scroll_labels, scroll_view, shift_frames
+from dfserve.model.train import Trainer, diffusion_loss
 
 TINY = preset("tiny")
 # 16 px, 4-px patches: a 4x4 grid of patches whose top 3 rows scroll and whose last row stays
@@ -101,7 +101,7 @@ def test_the_network_copies_the_given_scroll_or_else_the_heads_choice():
 def test_a_fresh_network_copies_the_scrolled_frame():
     """The gate starts open: before any training the output is the scrolled previous frame
     (times sigmoid(COPY_OPEN_LOGIT)), so a frame is copied unless the data says otherwise."""
-    from model.network import COPY_OPEN_LOGIT
+    from dfserve.model.network import COPY_OPEN_LOGIT
 
     net = scroll_net()
     frames = walk([0, 1, 3])[None]
@@ -164,7 +164,7 @@ def test_scroll_rows_needs_the_single_copy_gate():
 def test_the_extra_head_pairs_train_the_head_alone():
     """scroll_batch's pairs: labelled by the data's scroll of their second frame, and their
     loss reaches the scroll head's weights only (it shares none with the denoiser)."""
-    from model.train import scroll_head_loss
+    from dfserve.model.train import scroll_head_loss
 
     trainer = Trainer(SCROLLING, dataclasses.replace(train_preset("tiny"), clean_history=0.5))
     pairs = torch.stack([walk([0, MOVES[a]], seed=a) for a in (1, 2, 3, 0)])
@@ -206,7 +206,7 @@ def test_convex_copy_needs_the_single_copy_gate():
 
 
 def test_gate_targets_are_the_pixels_where_the_copy_is_exact():
-    from model.train import GATE_EXACT, gate_targets
+    from dfserve.model.train import GATE_EXACT, gate_targets
 
     x0 = torch.zeros(1, 1, 3, 2, 2)
     copy_ = x0.clone()
@@ -219,7 +219,7 @@ def test_the_gate_loss_teaches_the_gate_where_the_copy_is_exact():
     """Steps on one batch of walks, with and without the gate loss: the gate's cross-entropy
     against where its copy is exact (after a clean frame: the view but not the entering row;
     after a noisy one: nowhere) ends well below what the x0 loss alone teaches."""
-    from model.train import gate_loss
+    from dfserve.model.train import gate_loss
 
     actions = torch.tensor([[0, 1, 3, 2]] * 4)
     x0 = torch.stack([walk([MOVES[int(a)] for a in row], i) for i, row in enumerate(actions)])

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from model.bundle import DEFAULT_BUNDLE, PACKAGED_BUNDLES, load_bundle, resolve_bundle
-from model.config import preset
-from model.request import prepare
-from model.rollout import RolloutEngine
+from dfserve.model.bundle import DEFAULT_BUNDLE, PACKAGED_BUNDLES, load_bundle, resolve_bundle
+from dfserve.model.config import preset
+from dfserve.model.request import prepare
+from dfserve.model.rollout import RolloutEngine
 
 SHIPPED = PACKAGED_BUNDLES / DEFAULT_BUNDLE
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.bundle import load_bundle
-from model.config import TrainConfig, preset, train_preset
-from model.data.shards import NO_ACTION, Episode, write_meta, write_shard
-from model.diffusion import NoiseSchedule
-from model.rollout import RolloutEngine, RolloutRequest
-from model.train import (
+from dfserve.model.bundle import load_bundle
+from dfserve.model.config import TrainConfig, preset, train_preset
+from dfserve.model.data.shards import NO_ACTION, Episode, write_meta, write_shard
+from dfserve.model.diffusion import NoiseSchedule
+from dfserve.model.rollout import RolloutEngine, RolloutRequest
+from dfserve.model.train import (
     CHECKPOINT,
     Trainer,
     apply_clean_frames,
@@ -300,8 +300,8 @@ def test_action_gain_is_zero_for_an_action_blind_network_and_grows_with_the_prio
     """The diagnostic probe: the last frame is the previous one moved by its move; with every
     action embedded alike and no prior, reversing the move changes nothing (gain 0); a prior
     that picks the matching shift makes the true move the cheaper one (gain > 0)."""
-    from model.network import COPY_SHIFTS, shift_frames
-    from model.train import ActionProbe, action_gain
+    from dfserve.model.network import COPY_SHIFTS, shift_frames
+    from dfserve.model.train import ActionProbe, action_gain
 
     names = ("noop", "move_left", "move_right", "move_up")
     config = dataclasses.replace(TINY, data=dataclasses.replace(TINY.data, action_names=names),

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.bundle import Bundle
-from model.config import BundleConfig, NetworkConfig, SamplingConfig, UNet3DConfig
-from model.rollout import RolloutEngine, RolloutRequest
-from model.unet3d import UNet3D
+from dfserve.model.bundle import Bundle
+from dfserve.model.config import BundleConfig, NetworkConfig, SamplingConfig, UNet3DConfig
+from dfserve.model.rollout import RolloutEngine, RolloutRequest
+from dfserve.model.unet3d import UNet3D
 
 NET = NetworkConfig(resolution=16, channels=3, max_frames=6, n_actions=0)
 CFG = UNet3DConfig(dim=8, dim_mults=(1, 2), attn_resolutions=(16, 8), attn_heads=2,

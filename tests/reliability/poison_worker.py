@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Any
 
-from server.cli import main
-from server.queue import ClaimedJob, Queue
+from dfserve.server.cli import main
+from dfserve.server.queue import ClaimedJob, Queue
 
 log = logging.getLogger("tests.poison_worker")
 

@@ -23,10 +23,10 @@ from starlette.testclient import WebSocketDenialResponse
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from server import auth
-from server.app import create_app
-from server.queue import Queue
-from server.settings import Settings
+from dfserve.server import auth
+from dfserve.server.app import create_app
+from dfserve.server.queue import Queue
+from dfserve.server.settings import Settings
 from tests.e2e.conftest import REDIS_URL, Proc, dfserve_cmd, free_port, spawn
 from tests.reliability.conftest import process_env, wait_http
 

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from server.app import create_app
-from server.queue import Queue
-from server.settings import Settings
+from dfserve.server.app import create_app
+from dfserve.server.queue import Queue
+from dfserve.server.settings import Settings
 
 EXAMPLES = 300  # per operation and generation mode
 MIN_TOTAL = 2000

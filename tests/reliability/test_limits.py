@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from server import video
-from server.app import create_app
-from server.queue import Queue
-from server.settings import Settings
+from dfserve.server import video
+from dfserve.server.app import create_app
+from dfserve.server.queue import Queue
+from dfserve.server.settings import Settings
 
 
 def png_b64(size: int, seed: int = 0) -> str:

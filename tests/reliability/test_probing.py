@@ -21,8 +21,8 @@ import redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from server.auth import owner_id
-from server.queue import JobStatus, Queue
+from dfserve.server.auth import owner_id
+from dfserve.server.queue import JobStatus, Queue
 from tests.e2e.conftest import dfserve_cmd
 from tests.reliability.conftest import REDIS_URL, Proc, free_port, process_env, wait_http
 

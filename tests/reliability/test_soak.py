@@ -20,7 +20,7 @@ import httpx
 import redis
 from websockets.sync.client import connect
 
-from server.queue import PENDING_TTL_S
+from dfserve.server.queue import PENDING_TTL_S
 from tests.e2e.conftest import REDIS_URL, Proc, dfserve_cmd, free_port, spawn, wait_ready
 from tests.reliability.conftest import TERMINAL, process_env, rss_kb
 

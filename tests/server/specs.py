@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from model.bundle import Bundle
-from server.inputs import decode_context
-from server.jobs import job_spec
-from server.schemas import RolloutParams, SessionStart
+from dfserve.model.bundle import Bundle
+from dfserve.server.inputs import decode_context
+from dfserve.server.jobs import job_spec
+from dfserve.server.schemas import RolloutParams, SessionStart
 
 
 def rollout_params(bundle: Bundle, frames: int, seed: int, **overrides: Any) -> dict[str, Any]:

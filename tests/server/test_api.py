@@ -21,12 +21,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from model.bundle import find_bundles
-from server import video
-from server.app import create_app
-from server.queue import JobStatus, Queue
-from server.settings import Settings
-from server.worker import Worker, build_worker
+from dfserve.model.bundle import find_bundles
+from dfserve.server import video
+from dfserve.server.app import create_app
+from dfserve.server.queue import JobStatus, Queue
+from dfserve.server.settings import Settings
+from dfserve.server.worker import Worker, build_worker
 
 # The packaged bundles are always served, beside the test's own `tiny` default.
 SERVED_MODELS = sorted({*find_bundles(), "tiny"})
@@ -493,7 +493,7 @@ def test_a_server_bug_is_not_a_client_error(api: Service,
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("steps: a bug that merely looks like a field error")
 
-    monkeypatch.setattr("server.routes.rollouts.job_spec", broken)
+    monkeypatch.setattr("dfserve.server.routes.rollouts.job_spec", broken)
     with TestClient(api.client.app, raise_server_exceptions=False) as client:
         r = client.post("/v1/rollouts", json={"example": "random"})
     assert r.status_code == 500, r.text

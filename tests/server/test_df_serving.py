@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from server import video
-from server.cli import main as dfserve
+from dfserve.server import video
+from dfserve.server.cli import main as dfserve
 from tests.server.test_api import Service, make_service, png_b64
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "diffusion_forcing"

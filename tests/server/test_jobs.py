@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from model.bundle import Bundle
-from model.errors import FieldError
-from model.request import prepare
-from server.inputs import decode_context
-from server.jobs import JobSpec, job_spec, shown_params
-from server.schemas import RolloutParams, SessionStart
+from dfserve.model.bundle import Bundle
+from dfserve.model.errors import FieldError
+from dfserve.model.request import prepare
+from dfserve.server.inputs import decode_context
+from dfserve.server.jobs import JobSpec, job_spec, shown_params
+from dfserve.server.schemas import RolloutParams, SessionStart
 
 
 def spec_of(bundle: Bundle, request: RolloutParams | SessionStart) -> JobSpec:

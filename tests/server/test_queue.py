@@ -21,7 +21,7 @@ import redis.connection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from server.queue import ClaimedJob, Event, Job, JobStatus, Queue, QueueFull
+from dfserve.server.queue import ClaimedJob, Event, Job, JobStatus, Queue, QueueFull
 
 REDIS_URL = os.environ.get("DFSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PNG = b"\x89PNG\r\n\x1a\n"  # binary payloads must round-trip untouched

@@ -7,7 +7,7 @@ import time
 
 import fakeredis
 
-from server.queue import JobStatus, Queue
+from dfserve.server.queue import JobStatus, Queue
 
 
 def test_queue_session_keys() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from server.video import (
+from dfserve.server.video import (
     VideoInfo,
     decode_image,
     decode_video,

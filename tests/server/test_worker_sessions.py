@@ -11,13 +11,13 @@ import fakeredis
 import numpy as np
 import pytest
 
-from model.bundle import Bundle
-from model.request import prepare
-from model.rollout import RolloutEngine
-from server import video
-from server.queue import JobStatus, Queue
-from server.settings import Settings
-from server.worker import Worker
+from dfserve.model.bundle import Bundle
+from dfserve.model.request import prepare
+from dfserve.model.rollout import RolloutEngine
+from dfserve.server import video
+from dfserve.server.queue import JobStatus, Queue
+from dfserve.server.settings import Settings
+from dfserve.server.worker import Worker
 from tests.server.specs import session_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
