@@ -242,3 +242,19 @@ def test_the_gate_loss_teaches_the_gate_where_the_copy_is_exact():
 
     with_it, without = trained_gate_loss(1.0), trained_gate_loss(0.0)
     assert with_it < 0.7 * without, (with_it, without)  # 0.25 vs 0.46 when written
+
+
+def test_a_warm_start_may_switch_the_convex_copy_on(tmp_path):
+    """The convex blend changes how the output is formed, not the weights: a run of the convex
+    recipe starts from a bundle trained without it, and any other difference is refused."""
+    from dfserve.model.bundle import save_bundle
+
+    save_bundle(tmp_path / "scroll", SCROLLING, scroll_net())
+    trainer = Trainer(dataclasses.replace(SCROLLING, network=CONVEX), train_preset("tiny"))
+    trainer.warm_start(tmp_path / "scroll")
+    for k, v in scroll_net().state_dict().items():
+        assert torch.equal(trainer.net.state_dict()[k], v), k
+    wider = dataclasses.replace(CONVEX, width=2 * CONVEX.width)
+    with pytest.raises(ValueError, match="same architecture"):
+        Trainer(dataclasses.replace(SCROLLING, network=wider),
+                train_preset("tiny")).warm_start(tmp_path / "scroll")  # fmt: skip
