@@ -255,6 +255,17 @@ _CRAFTER_TILES = BundleConfig(
     sampling=SamplingConfig(steps=2, chunk_size=4),
 )  # fmt: skip
 
+# The tile-aligned network with a scroll head (model.scroll). A player step is one classified
+# choice per frame, not a per-pixel blend, and the gate copies the previous frame scrolled by
+# it, so the world follows the player and keeps its tiles while they stay in view. 72-px
+# frames (`dfserve dataset crafter --size 72`), 81 tokens per frame; x0-prediction, as for
+# crafter-cpu-v1 below. The first stage of the default's weights.
+_CRAFTER_SCROLL = dataclasses.replace(
+    _CRAFTER_TILES, name="crafter-cpu-scroll",
+    network=dataclasses.replace(_CRAFTER_TILES.network, copy_shifts=False,
+                                copy_action_prior=False, previous_level=True, scroll_rows=7),
+)  # fmt: skip
+
 PRESETS: dict[str, BundleConfig] = {
     "tiny": BundleConfig(
         name="tiny",
@@ -266,26 +277,14 @@ PRESETS: dict[str, BundleConfig] = {
                         action_names=("noop", "left", "right", "up")),
         sampling=SamplingConfig(steps=4, chunk_size=3),
     ),  # fmt: skip
-    # The tile-aligned network with a scroll head (model.scroll). A player step is one
-    # classified choice per frame, not a per-pixel blend, and the gate copies the previous
-    # frame scrolled by it, so the world follows the player and keeps its tiles while they
-    # stay in view. 72-px frames (`dfserve dataset crafter --size 72`), 81 tokens per frame;
-    # x0-prediction, as for crafter-cpu-v1 below. The first stage of the default's weights.
-    "crafter-cpu-scroll": dataclasses.replace(
-        _CRAFTER_TILES, name="crafter-cpu-scroll",
-        network=dataclasses.replace(_CRAFTER_TILES.network, copy_shifts=False,
-                                    copy_action_prior=False, previous_level=True,
-                                    scroll_rows=7),
-    ),
+    "crafter-cpu-scroll": _CRAFTER_SCROLL,
     # The default (model/bundles/crafter-cpu): crafter-cpu-scroll with a convex copy whose
     # gate is taught where the copy is exact (TrainConfig.gate_loss), so the world in view is
     # copied exactly instead of half redrawn every frame. Same weights as crafter-cpu-scroll:
     # the default was warm-started from it (DEVELOPERS.md has the recipe).
     "crafter-cpu": dataclasses.replace(
-        _CRAFTER_TILES, name="crafter-cpu",
-        network=dataclasses.replace(_CRAFTER_TILES.network, copy_shifts=False,
-                                    copy_action_prior=False, previous_level=True,
-                                    scroll_rows=7, convex_copy=True),
+        _CRAFTER_SCROLL, name="crafter-cpu",
+        network=dataclasses.replace(_CRAFTER_SCROLL.network, convex_copy=True),
     ),
     # The default of the previous rounds, for the record (its card is in the git history of
     # model/bundles/crafter-cpu): 64 tokens per frame, an 8-frame window (4 context + a chunk
@@ -389,14 +388,15 @@ class TrainConfig:
 # the tile-aligned recipe and its ablations train alike, with clean-history windows mixed in
 _CRAFTER_TILES_TRAIN = TrainConfig(batch_size=8, lr=2e-3, warmup_steps=100, ema_decay=0.995,
                                    clean_history=0.5)
+# the scroll network: extra pairs for its head, near-clean frames so the copy is often exact
+_CRAFTER_SCROLL_TRAIN = dataclasses.replace(_CRAFTER_TILES_TRAIN, scroll_batch=128,
+                                            clean_frames=0.5)
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(batch_size=4, lr=3e-3, warmup_steps=2, ema_decay=0.9, log_every=1,
                         ckpt_every=2),  # fmt: skip
-    "crafter-cpu-scroll": dataclasses.replace(_CRAFTER_TILES_TRAIN, scroll_batch=128,
-                                              clean_frames=0.5),  # fmt: skip
-    "crafter-cpu": dataclasses.replace(_CRAFTER_TILES_TRAIN, scroll_batch=128, clean_frames=0.5,
-                                       gate_loss=0.1),  # fmt: skip
+    "crafter-cpu-scroll": _CRAFTER_SCROLL_TRAIN,
+    "crafter-cpu": dataclasses.replace(_CRAFTER_SCROLL_TRAIN, gate_loss=0.1),
     "crafter-cpu-v1": TrainConfig(batch_size=8, lr=2e-3, warmup_steps=100, ema_decay=0.995),
     "crafter-tiles": _CRAFTER_TILES_TRAIN,
     "crafter-tiles-no-shifts": _CRAFTER_TILES_TRAIN,

@@ -720,10 +720,9 @@ def evaluate_from_cli(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     result = evaluate(bundle, load_episodes(args.data), args.out, sampling, settings,
                       args.device)  # fmt: skip
-    if getattr(args, "update_card", False):
-        update_card(path, result, args.out / "grid.png")
     lines = [metrics_table(result), *summary_lines(result)]
     if getattr(args, "update_card", False):
+        update_card(path, result, args.out / "grid.png")
         lines.append(f"model card updated: {path / 'README.md'}")
     print("\n".join([*lines, f"metrics written to {args.out / 'metrics.json'}"]))  # noqa: T201
     return 0
