@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from fractions import Fraction
 
 import av
@@ -31,52 +31,102 @@ def check_frame(frame: np.ndarray) -> np.ndarray:
     return frame
 
 
+# swscale converts RGB with the BT.601 matrix; say so, or players guess (often BT.709).
+_MP4_OPTIONS = {"crf": _CRF, "preset": "veryfast", "x264-params": "colormatrix=smpte170m"}
+
+
 def encode_mp4(frames: Sequence[np.ndarray], fps: int, scale: int = 1) -> bytes:
     """Encode RGB frames as a browser-safe MP4: H.264, yuv420p, even size, faststart."""
-    # swscale converts RGB with the BT.601 matrix; say so, or players guess (often BT.709).
-    options = {"crf": _CRF, "preset": "veryfast", "x264-params": "colormatrix=smpte170m"}
-    data = encode_video(frames, fps, "mp4", "libx264", options, scale)
+    return _encode_all(mp4_encoder(fps, scale), frames)
+
+
+def mp4_encoder(fps: int, scale: int = 1) -> VideoEncoder:
+    """encode_mp4 a frame at a time: the worker feeds each rollout's frames as they are made,
+    so the finished MP4 costs only the encoder's flush, not a pass over every frame."""
     # libavformat's own +faststart reopens the output by file name, which an in-memory
     # buffer does not have, so the moov box is moved in Python instead.
-    return _faststart(data)
+    return VideoEncoder(fps, "mp4", "libx264", _MP4_OPTIONS, scale, finalize=_faststart)
 
 
 def encode_video(frames: Sequence[np.ndarray], fps: int, container_format: str, codec: str,
                  options: Mapping[str, object], scale: int = 1) -> bytes:  # fmt: skip
-    """RGB frames as a yuv420p video of `codec` in `container_format`, each frame scaled up
-    `scale` times (nearest neighbour) and padded to an even size; one frame per 1/fps."""
-    if len(frames) == 0:
-        raise ValueError("cannot encode an empty list of frames")
-    if fps <= 0 or scale < 1:
-        raise ValueError(f"fps must be > 0 and scale >= 1, got fps={fps} scale={scale}")
-    shape = check_frame(frames[0]).shape
-    for i, f in enumerate(frames):
-        if check_frame(f).shape != shape:
-            raise ValueError(f"frame {i} has shape {np.shape(f)}, frame 0 has {shape}")
-    h, w = shape[0] * scale, shape[1] * scale
-    pad_h, pad_w = h % 2, w % 2  # yuv420p subsamples chroma 2x2, so both sides must be even
+    """RGB frames as a yuv420p video of `codec` in `container_format` (see VideoEncoder)."""
+    return _encode_all(VideoEncoder(fps, container_format, codec, options, scale), frames)
 
-    buf = io.BytesIO()
-    time_base = Fraction(1, fps)
-    with av.open(buf, mode="w", format=container_format) as container:
-        stream = container.add_stream(codec, rate=fps)
-        assert isinstance(stream, av.VideoStream), codec  # a video codec's stream
-        stream.width, stream.height, stream.pix_fmt = w + pad_w, h + pad_h, "yuv420p"
-        stream.codec_context.time_base = time_base
-        stream.options = dict(options)
-        for i, f in enumerate(frames):
-            f = np.asarray(f)
-            if scale > 1:  # nearest neighbour keeps the pixel-art look of small frames
-                f = f.repeat(scale, axis=0).repeat(scale, axis=1)
-            if pad_h or pad_w:
-                f = np.pad(f, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
-            vf = vf.reformat(format="yuv420p", interpolation=TO_YUV)
-            # One pts per frame in a 1/fps time base: constant rate, no drops or duplicates.
-            vf.pts, vf.time_base = i, time_base
-            container.mux(stream.encode(vf))
-        container.mux(stream.encode(None))  # flush the encoder's lookahead
-    return buf.getvalue()
+
+def _encode_all(encoder: VideoEncoder, frames: Sequence[np.ndarray]) -> bytes:
+    try:
+        for frame in frames:
+            encoder.add(frame)
+        return encoder.finish()
+    finally:
+        encoder.close()
+
+
+class VideoEncoder:
+    """Frames in one at a time, the encoded file out at the end: a yuv420p video of `codec` in
+    `container_format`, each frame scaled up `scale` times (nearest neighbour) and padded to
+    an even size, one frame per 1/fps. Every frame must have the first one's shape."""
+
+    def __init__(self, fps: int, container_format: str, codec: str,
+                 options: Mapping[str, object], scale: int = 1,
+                 finalize: Callable[[bytes], bytes] | None = None) -> None:  # fmt: skip
+        if fps <= 0 or scale < 1:
+            raise ValueError(f"fps must be > 0 and scale >= 1, got fps={fps} scale={scale}")
+        self.fps, self.format, self.codec, self.scale = fps, container_format, codec, scale
+        self.options = dict(options)
+        self.finalize = finalize
+        self.frames = 0
+        self._shape: tuple[int, ...] | None = None
+        self._buf = io.BytesIO()
+        self._container: av.container.OutputContainer | None = None
+        self._stream: av.VideoStream | None = None
+
+    def add(self, frame: np.ndarray) -> None:
+        f = check_frame(frame)
+        if self._shape is None:
+            self._open(f.shape)
+        elif f.shape != self._shape:
+            raise ValueError(f"frame {self.frames} has shape {f.shape}, frame 0 has "
+                             f"{self._shape}")  # fmt: skip
+        assert self._container is not None and self._stream is not None
+        if self.scale > 1:  # nearest neighbour keeps the pixel-art look of small frames
+            f = f.repeat(self.scale, axis=0).repeat(self.scale, axis=1)
+        pad_h, pad_w = f.shape[0] % 2, f.shape[1] % 2
+        if pad_h or pad_w:  # yuv420p subsamples chroma 2x2, so both sides must be even
+            f = np.pad(f, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+        vf = vf.reformat(format="yuv420p", interpolation=TO_YUV)
+        # One pts per frame in a 1/fps time base: constant rate, no drops or duplicates.
+        vf.pts, vf.time_base = self.frames, Fraction(1, self.fps)
+        self._container.mux(self._stream.encode(vf))
+        self.frames += 1
+
+    def finish(self) -> bytes:
+        """The whole file; the encoder is closed after it."""
+        if self._container is None or self._stream is None:
+            raise ValueError("cannot encode an empty list of frames")
+        self._container.mux(self._stream.encode(None))  # flush the encoder's lookahead
+        self.close()
+        data = self._buf.getvalue()
+        return self.finalize(data) if self.finalize else data
+
+    def close(self) -> None:
+        """Release the codec (also for an abandoned video); idempotent."""
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+    def _open(self, shape: tuple[int, ...]) -> None:
+        self._shape = shape
+        h, w = shape[0] * self.scale, shape[1] * self.scale
+        self._container = av.open(self._buf, mode="w", format=self.format)
+        stream = self._container.add_stream(self.codec, rate=self.fps)
+        assert isinstance(stream, av.VideoStream), self.codec  # a video codec's stream
+        stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, self.fps)
+        stream.options = dict(self.options)
+        self._stream = stream
 
 
 # ---------------------------------------------------------------------------- MP4 boxes

@@ -4,8 +4,9 @@ One iteration of `Worker.tick` (vLLM's `step`, arq's poll iteration):
     claim up to batch_limit - live jobs (max_batch, or fewer when the memory budget says so;
     blocking briefly only when idle) -> start them ->
     one `engine.step(states)` for all live rollouts (one denoising row each; new jobs joined
-    between rows, finished ones leave: continuous batching) -> publish each clean frame as PNG
-    -> finish the done ones (MP4) -> drop cancelled ones -> renew leases + heartbeat.
+    between rows, finished ones leave: continuous batching) -> hand the row's clean frames and
+    the done rollouts to the publisher (server/publisher.py: PNGs, one Redis pipeline, the
+    MP4s, on its own thread) -> drop cancelled ones -> renew leases + heartbeat.
 
 Interactive sessions (WS /v1/sessions) are long-lived jobs in the same batch: the worker keeps
 their RolloutState alive between actions, reads new actions between rows (`feed_sessions`:
@@ -37,6 +38,7 @@ from dfserve.model.request import default_action, prepare
 from dfserve.model.rollout import RolloutEngine, RolloutRequest, RolloutState
 from dfserve.server import video
 from dfserve.server.jobs import JobSpec
+from dfserve.server.publisher import Frame, Publisher, Tick
 from dfserve.server.queue import ClaimedJob, JobStatus, Queue
 from dfserve.server.settings import Settings
 
@@ -63,7 +65,6 @@ class Live:
     job: ClaimedJob
     state: RolloutState | None  # None: a session that has had no action yet
     fps: int
-    frames: list[np.ndarray] = field(default_factory=list)  # uint8 (R, R, 3), for the MP4
     session: Session | None = None
 
 
@@ -74,6 +75,7 @@ class Worker:
         self.name = settings.resolved_worker_name()
         self.device = settings.resolved_device()
         self.engine = RolloutEngine(bundle, self.device)
+        self.publisher = Publisher(queue)
         # Batch size bounded by memory, not only by a constant (continuous batching, vLLM).
         budget = settings.resolved_memory_budget(self.device)
         self.batch_limit = min(settings.max_batch, self.engine.max_batch_for(budget))
@@ -113,9 +115,11 @@ class Worker:
             self.live = []
         else:
             log.warning("Redis unreachable (%s): retrying in %.1fs", error, backoff)
+        self.publisher.reset()
         self._next_renew = 0.0  # heartbeat as soon as it is back
 
     def tick(self) -> None:
+        self.publisher.raise_error()  # the publishing thread lost Redis: handle it here
         free = self.batch_limit - len(self.live)
         if free > 0:
             claimed = self.queue.claim(self.name, free, 0 if self.live else IDLE_BLOCK_MS)
@@ -154,7 +158,9 @@ class Worker:
             template = spec.request(config)
             self.engine.validate(replace(template, actions=(default_action(config),)))
             return Live(job, None, spec.fps, session=Session(template))
-        return Live(job, self.engine.start(spec.request(config)), spec.fps)
+        live = Live(job, self.engine.start(spec.request(config)), spec.fps)
+        self.publisher.open_video(job, spec.fps)
+        return live
 
     def step(self) -> None:
         """One denoising row for every live rollout, in one batched forward."""
@@ -174,15 +180,15 @@ class Worker:
                     stepping.remove((live, state))
                     self.live.remove(live)
                     self.fail(live.job, e)
+        tick = Tick()
         for (live, state), frames in zip(stepping, outputs, strict=True):
-            for index, x in frames:
-                frame = video.frames_to_uint8(x)  # (C, R, R) in [-1, 1] -> (R, R, 3) uint8
-                if live.session is None:  # a session has no MP4: do not hoard its frames
-                    live.frames.append(frame)
-                self.queue.publish_frame(live.job.id, index, video.encode_png(frame))
+            # (C, R, R) in [-1, 1] -> (R, R, 3) uint8; the publisher encodes them
+            tick.frames += [Frame(live.job, index, video.frames_to_uint8(x))
+                            for index, x in frames]  # fmt: skip
             if state.done and live.session is None:
                 self.live.remove(live)
-                self.complete(live)
+                tick.complete.append(live.job)
+        self.publisher.submit(tick)
 
     def feed_sessions(self) -> None:
         """Hand new actions to the live sessions (waiting up to SESSION_POLL_MS for some when
@@ -212,21 +218,15 @@ class Worker:
                 self.queue.finish(live.job, JobStatus.cancelled, error=(
                     f"session: idle for more than {self.settings.session_idle_s:g} s"))
 
-    def complete(self, live: Live) -> None:
-        try:
-            mp4 = video.encode_mp4(live.frames, live.fps)
-        except Exception as e:  # noqa: BLE001
-            self.fail(live.job, e)
-            return
-        self.queue.finish(live.job, JobStatus.succeeded, video=mp4)
-
     def drop_cancelled(self) -> None:
         cancelled = self.queue.cancelled(live.job.id for live in self.live)
         for live in [x for x in self.live if x.job.id in cancelled]:
             self.live.remove(live)
+            self.publisher.forget(live.job.id)
             self.queue.finish(live.job, JobStatus.cancelled)
 
     def fail(self, job: ClaimedJob, error: Exception) -> None:
+        self.publisher.forget(job.id)
         log.warning("job %s failed: %s", job.id, error, exc_info=not isinstance(error,
                                                                                ValueError))
         self.queue.finish(job, JobStatus.failed, error=f"{type(error).__name__}: {error}"
@@ -237,6 +237,8 @@ class Worker:
         if lost:
             log.warning("lost the lease of %s: dropping them", sorted(lost))
             self.live = [live for live in self.live if live.job.id not in lost]
+            for job_id in lost:
+                self.publisher.forget(job_id)
         self.heartbeat()
         self._next_renew = time.monotonic() + self._renew_every
 
@@ -269,6 +271,7 @@ class Worker:
             log.warning("Redis unreachable (%s): no heartbeat yet", e)
 
     def shutdown(self) -> None:
+        self.publisher.close()  # what was made is published before the jobs are released
         try:
             if self.live:
                 log.info("stopping: releasing %d live jobs", len(self.live))

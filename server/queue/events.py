@@ -4,6 +4,8 @@ ids follow the scheme in keys.py, which makes publishing a frame at most once at
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import redis
 
 from dfserve.server.queue.keys import MAX_INDEX, events_cursor, frame_id
@@ -17,22 +19,31 @@ class EventStreams(Store):
     def publish_frame(self, job_id: str, index: int, png: bytes) -> bool:
         """Append frame `index` (0 <= index < frames_total); False if it was already published
         (a re-run) or the job is over. Atomic by the event-id scheme (see keys.py)."""
-        if index < 0:
-            raise ValueError(f"frame index must be >= 0, got {index}")
-        try:
-            self.redis.xadd(self.keys.events(job_id), {"type": "frame", "index": index,
-                                                       "png": png}, id=frame_id(index))
-        except redis.ResponseError as e:
-            if "equal or smaller" not in str(e):
-                raise
-            return False
-        # Not atomic with the XADD; only two workers racing on one job (a stale lease) could
-        # write it out of order, and the next frame corrects it. The stream is the truth.
+        return self.publish_frames([(job_id, index, png)])[0]
+
+    def publish_frames(self, frames: Sequence[tuple[str, int, bytes]]) -> list[bool]:
+        """publish_frame for many frames (job id, index, PNG) in two round trips: the worker
+        publishes a whole tick's frames, of every rollout, at once. A job's frames must come
+        in index order."""
+        for _, index, _ in frames:
+            if index < 0:
+                raise ValueError(f"frame index must be >= 0, got {index}")
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.keys.job(job_id), "frames_done", index + 1)
-        pipe.hincrby(self.keys.stats, "frames", 1)
-        pipe.execute()
-        return True
+        for job_id, index, png in frames:
+            pipe.xadd(self.keys.events(job_id), {"type": "frame", "index": index, "png": png},
+                      id=frame_id(index))
+        added = [_added(reply) for reply in pipe.execute(raise_on_error=False)]
+        # Not atomic with the XADDs; only two workers racing on one job (a stale lease) could
+        # write it out of order, and the next frame corrects it. The stream is the truth.
+        done = {job_id: index + 1 for (job_id, index, _), ok in zip(frames, added, strict=True)
+                if ok}  # the last published index of each job, as frames come in order
+        if done:
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id, frames_done in done.items():
+                pipe.hset(self.keys.job(job_id), "frames_done", frames_done)
+            pipe.hincrby(self.keys.stats, "frames", sum(added))
+            pipe.execute()
+        return added
 
     def events(self, job_id: str, after_index: int = -1, block_ms: int = 0,
                after_id: str | None = None, count: int | None = None) -> list[Event]:
@@ -70,3 +81,15 @@ class EventStreams(Store):
         entries = (self.redis.xrange(self.keys.events(job_id), eid, eid)
                    if 0 <= index <= MAX_INDEX else [])
         return entries[0][1].get(b"png") if entries else None
+
+
+def _added(reply: object) -> bool:
+    """An XADD's reply: True when it appended; False when the id was taken (the frame was
+    published before, or the job is over: see keys.py). Any other error is raised."""
+    if isinstance(reply, redis.ResponseError):
+        if "equal or smaller" not in str(reply):
+            raise reply
+        return False
+    if isinstance(reply, Exception):
+        raise reply
+    return True

@@ -52,6 +52,7 @@ def drain(w: Worker, limit: int = 10_000) -> None:
     for _ in range(limit):
         w.tick()
         if not w.live and not w.queue.queued_count():
+            w.publisher.flush()  # the last frames and MP4s are on the publishing thread
             return
     raise AssertionError("the worker did not finish its jobs")
 
@@ -137,6 +138,7 @@ def test_graceful_stop_releases_and_another_worker_finishes(server: Any, tiny_bu
     job = w1.queue.submit(p, 12)
     for _ in range(8):
         w1.tick()
+    w1.publisher.flush()
     done_before = w1.queue.get(job.id).frames_done  # type: ignore[union-attr]
     assert 0 < done_before < 12
     w1.shutdown()
