@@ -64,7 +64,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy -p dfserve.model -p dfserve.server -p dfserve.clients
 	mkdir -p artifacts
-	$(VENV)/bin/pytest -q -rs --junitxml=artifacts/junit.xml $(PYTEST_ARGS)
+	@# two processes, one per core of the 2-core CI machine (one process leaves a core idle while
+	@# a test waits on a subprocess or a socket); a module's tests stay together (its fixtures start
+	@# servers), and every test takes its own ports and Redis prefix
+	$(VENV)/bin/pytest -q -rs -n 2 --dist loadfile --junitxml=artifacts/junit.xml $(PYTEST_ARGS)
 
 bench: $(SERVE_STAMP)
 	$(VENV)/bin/dfserve bench

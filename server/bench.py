@@ -1,8 +1,8 @@
 """`dfserve bench`: the performance suite of DESIGN §8, every ratio measured in one run.
 
-Engine figures run the bare RolloutEngine; service figures (time to first frame, API overhead)
-go through the real API, queue and worker of `dfserve serve` started in this process on a free
-port. Wall-clock numbers are only reported, never asserted.
+Engine figures run the bare RolloutEngine; service figures (time to first frame, API overhead,
+Play latency) go through separate `dfserve api` and `dfserve worker` processes on a real Redis,
+as deployed (bench_service.py). Wall-clock numbers are only reported, never asserted.
 """
 
 from __future__ import annotations
@@ -129,12 +129,18 @@ def run_bench(args: argparse.Namespace) -> int:
 
         report.update(unet_figures(bundle, device, args.quick))
     else:
+        from dfserve.server.bench_df import dit_loop_figures
+        from dfserve.server.bench_mfu import mfu_figures
+
         report.update(engine_figures(bundle, device, args.quick))
+        report.update(mfu_figures(bundle, device, args.quick))
+        report.update(dit_loop_figures(bundle, device, args.quick))
         report.update(sampler_figures(bundle, device, args.quick))
     if not args.engine_only:  # only this half needs the HTTP and WebSocket stack
         from dfserve.server.bench_service import service_figures
 
-        report.update(service_figures(path, bundle, dtype, args.quick))
+        report.update(service_figures(path, bundle, dtype, args.quick,
+                                      getattr(args, "redis_url", None)))
     if args.json:
         print(json.dumps(report, indent=2))  # noqa: T201 - the report is the command's output
     else:

@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer frames, for CI")
     p.add_argument("--engine-only", action="store_true", help="skip the service figures")
+    p.add_argument("--redis-url", help="the Redis of the service figures (default: "
+                   "DFSERVE_REDIS_URL, else redis://127.0.0.1:6379/0)")
     p.add_argument("--device")
     _dtype_flag(p)
     p.set_defaults(func=cmd_bench)
