@@ -13,6 +13,21 @@ import torch
 from dfserve.model.bundle import build_network, load_bundle, save_bundle, save_example
 from dfserve.model.config import preset
 
+# The modules that take longest, started first: `make test` deals modules out to two processes
+# (pytest-xdist --dist loadfile) in collection order, and a long module dealt out last makes
+# one process run alone at the end.
+SLOW_FIRST = ("tests/reliability/test_fuzz.py", "tests/reliability/test_soak.py",
+              "tests/server/test_bench.py", "tests/e2e/test_serve.py",
+              "tests/reliability/test_crash.py", "tests/clients/test_client.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        module = item.nodeid.split("::")[0]
+        return SLOW_FIRST.index(module) if module in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module and among the rest is kept
+
 
 def make_tiny_bundle(path: Path, seed: int = 0) -> Path:
     """The `tiny` preset with every weight random (adaLN-Zero layers too, so the output

@@ -19,7 +19,7 @@ from dfserve.server.app import create_app
 from dfserve.server.queue import Queue
 from dfserve.server.settings import Settings
 
-EXAMPLES = 300  # per operation and generation mode
+EXAMPLES = 200  # per operation and generation mode (over 3,000 requests in all)
 MIN_TOTAL = 2000
 
 
