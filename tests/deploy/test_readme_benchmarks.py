@@ -46,8 +46,14 @@ def test_every_figure_in_the_table_is_in_the_report() -> None:
         report["kv_cache_speedup"], report["kv_cache_speedup_window16"], report["ttff_ms"],
         report["service_fps"], report["api_overhead"], report["ddim100_seconds"],
         report["dpmpp_2m_table"][str(report["defaults"]["steps"])]["seconds"],
+        *report["mfu"].values(), report["peak_matmul_gflops"], report["model_gflops_per_frame"],
+        report["research_loop_fps"], report["research_loop_gflops_per_frame"],
+        *report["reference_loop_speedup"].values(), report["api_overhead_1"],
+        report["service_fps_8"], report["engine_fps_8"],
+        *(v for s in report["session_latency"].values() for v in s.values()),
     ]
-    allowed = numbers(table_values) | {str(k) for k in fps} | {"100", "2", "4", "16"}
+    labels = {"100", "2", "4", "16", "8", "32", "50", "99"}  # steps, counts, p50 / p99
+    allowed = numbers(table_values) | {str(k) for k in fps} | labels
     table = "\n".join(line for line in performance_section().splitlines() if line.startswith("|"))
     quoted = re.findall(r"\d+(?:\.\d+)?", table)
     assert quoted, "the performance table is missing"
