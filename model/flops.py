@@ -20,11 +20,12 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from dfserve.model.config import NetworkConfig
-from dfserve.model.network import BatchKV, CausalVideoDiT
+from dfserve.model.network import BatchKV, CausalVideoDiT, dense_frames
 from dfserve.model.scroll import COPY_SHIFTS, ScrollHead
 
 
@@ -43,10 +44,13 @@ def attention_flops(batch: int, queries: int, keys: int, width: int) -> int:
     return 2 * (2 * batch * queries * keys * width)
 
 
-def forward_flops(cfg: NetworkConfig, batch: int, frames: int, cached_frames: int = 0) -> int:
+def forward_flops(cfg: NetworkConfig, batch: int, frames: int, cached_frames: int = 0,
+                  frame_by_frame: bool = False) -> int:  # fmt: skip
     """FLOPs of one CausalVideoDiT.forward of `frames` frames per rollout attending to
     `cached_frames` cached frames as well (block-causal: frame i sees the cache and frames
-    <= i, but the full L x (K + L) scores are computed, see attention_flops).
+    <= i). With a mask the full L x (K + L) scores are computed (see attention_flops);
+    frame_by_frame (the network's way without padding and gradients, see
+    network.Attention.frame_by_frame) computes only the scores that are kept.
 
     Padded frames (frame_valid False) cost as much as real ones: pass the padded count to
     measure the work a forward does."""
@@ -60,7 +64,8 @@ def forward_flops(cfg: NetworkConfig, batch: int, frames: int, cached_frames: in
     block = (
         linear_flops(B * A, D, 6 * D)  # adaLN, once per frame
         + linear_flops(tokens, D, 3 * D)  # qkv
-        + attention_flops(B, A * N, keys, D)
+        + (sum(attention_flops(B, N, (cached_frames + i) * N, D) for i in range(1, A + 1))
+           if frame_by_frame else attention_flops(B, A * N, keys, D))
         + linear_flops(tokens, D, D)  # proj
         + linear_flops(tokens, D, hidden)
         + linear_flops(tokens, hidden, D)  # MLP
@@ -151,6 +156,10 @@ class ForwardFlops:
         B, A = bound.arguments["x"].shape[:2]
         cache: BatchKV | None = bound.arguments.get("cache")
         cached_tokens = cache.keys[0].shape[1] if cache is not None else 0
+        valid = bound.arguments.get("frame_valid")
+        # the test CausalVideoDiT.attention_mask makes: no mask, attention frame by frame
+        by_frame = not torch.is_grad_enabled() and dense_frames(
+            valid if valid is not None else torch.ones(B, A, dtype=torch.bool), cache)
         cfg = self.net.cfg
-        self.flops += forward_flops(cfg, B, A, cached_tokens // cfg.tokens_per_frame)
+        self.flops += forward_flops(cfg, B, A, cached_tokens // cfg.tokens_per_frame, by_frame)
         self.forwards += 1

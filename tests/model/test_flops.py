@@ -55,7 +55,10 @@ def random_cache(net: CausalVideoDiT, batch: int, frames: int) -> BatchKV:
 @pytest.mark.parametrize("name", ["tiny", "crafter-cpu"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("cached_frames", [0, 3])
-def test_forward_flops_equal_torchs_count(name: str, batch: int, cached_frames: int) -> None:
+@pytest.mark.parametrize("padded", [True, False])
+def test_forward_flops_equal_torchs_count(name: str, batch: int, cached_frames: int,
+                                          padded: bool) -> None:  # fmt: skip
+    """A padded batch attends through one masked call, a dense one frame by frame."""
     torch.manual_seed(0)
     net = build_network(preset(name)).eval()
     n, frames = net.cfg, 2
@@ -64,11 +67,11 @@ def test_forward_flops_equal_torchs_count(name: str, batch: int, cached_frames: 
     actions = torch.randint(0, n.n_actions + 1, (batch, frames))
     positions = cached_frames + torch.arange(frames).repeat(batch, 1)
     valid = torch.ones(batch, frames, dtype=torch.bool)
-    valid[0, -1] = False  # a padded frame costs as much as a real one
+    valid[0, -1] = not padded  # a padded frame costs as much as a real one
     cache = random_cache(net, batch, cached_frames) if cached_frames else None
 
     torch_count = counted(lambda: net(x, levels, actions, positions, valid, cache))
-    assert forward_flops(n, batch, frames, cached_frames) == torch_count
+    assert forward_flops(n, batch, frames, cached_frames, not padded) == torch_count
 
 
 def test_cached_keys_and_more_frames_cost_more() -> None:
