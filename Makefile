@@ -10,9 +10,11 @@ TRAIN_STAMP := $(VENV)/.installed-train
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
-# make train: a dataset from the real Crafter environment, then a bundle (DEVELOPERS.md has
-# the exact recipe of the shipped model)
-CONFIG   ?= crafter-cpu
+# make train: a dataset from the real Crafter environment, then a denoiser and its edge fill
+# (DEVELOPERS.md has the exact recipe of the shipped model)
+CONFIG   ?= crafter-cpu-gated# the denoiser; the default model adds EDGE_FILL's edge fill to it
+EDGE_FILL ?= crafter-cpu# empty: stop at the denoiser (needed for a CONFIG other than crafter-cpu-gated)
+EDGE_MINUTES ?= 20
 SIZE     ?= 72# frame size of CONFIG: 72 (one 8-px patch per Crafter tile); crafter-cpu-v1 64
 EPISODES ?= 400
 DATA     ?= data/crafter$(SIZE)-train$(EPISODES)
@@ -50,6 +52,9 @@ serve: $(SERVE_STAMP)
 train: $(TRAIN_STAMP) $(DATA)/meta.json $(HELDOUT)/meta.json
 	$(VENV)/bin/dfserve train --config $(CONFIG) --data $(DATA) --heldout $(HELDOUT) \
 	    --out $(BUNDLE) --minutes $(MINUTES) --threads 2 $(if $(INIT),--init $(INIT))
+	$(if $(EDGE_FILL),$(VENV)/bin/dfserve train --config $(EDGE_FILL) --edge-fill --init $(BUNDLE) \
+	    --data $(DATA) --heldout $(HELDOUT) --out runs/$(EDGE_FILL)-bundle \
+	    --minutes $(EDGE_MINUTES) --threads 2)
 
 $(DATA)/meta.json: | $(TRAIN_STAMP)
 	$(VENV)/bin/dfserve dataset crafter --size $(SIZE) --episodes $(EPISODES) --out $(DATA)

@@ -85,6 +85,17 @@ class NetworkConfig:
     # needs a residual of exactly 0, and the crafter-cpu model of round 12 drew its world at
     # gate 0.45 plus a blurry residual at the sampler's last step (the world faded in 3 frames).
     convex_copy: bool = False
+    # With scroll_rows: the tiles that enter at the edge of a scrolled view are drawn from a
+    # codebook of the data's tiles (k-means, this many codes) by a small classifier over the
+    # rest of the view, instead of left as the denoiser's average guess (flat grass).
+    # model.edge_fill; trained on its own after the denoiser (model.train_edge_fill). 0: none.
+    edge_fill_codes: int = 0
+    # With convex_copy, at sampling time (no gradient taken): a pixel whose gate is above this
+    # copies exactly (gate 1). Trained soft, the gate of the crafter-cpu model gives a copied
+    # tile 0.8-0.95 of the copy, so every frame redraws a little of the world in view and
+    # trees, water and stone fade into grass within 10-20 frames; the decision keeps them for
+    # as long as they stay in view. 0: the gate as trained.
+    exact_copy_above: float = 0.0
 
     @property
     def tokens_per_frame(self) -> int:
@@ -266,6 +277,11 @@ _CRAFTER_SCROLL = dataclasses.replace(
                                 copy_action_prior=False, previous_level=True, scroll_rows=7),
 )  # fmt: skip
 
+_CRAFTER_GATED = dataclasses.replace(
+    _CRAFTER_SCROLL, name="crafter-cpu-gated",
+    network=dataclasses.replace(_CRAFTER_SCROLL.network, convex_copy=True),
+)  # fmt: skip
+
 PRESETS: dict[str, BundleConfig] = {
     "tiny": BundleConfig(
         name="tiny",
@@ -278,13 +294,17 @@ PRESETS: dict[str, BundleConfig] = {
         sampling=SamplingConfig(steps=4, chunk_size=3),
     ),  # fmt: skip
     "crafter-cpu-scroll": _CRAFTER_SCROLL,
-    # The default (model/bundles/crafter-cpu): crafter-cpu-scroll with a convex copy whose
-    # gate is taught where the copy is exact (TrainConfig.gate_loss), so the world in view is
-    # copied exactly instead of half redrawn every frame. Same weights as crafter-cpu-scroll:
-    # the default was warm-started from it (DEVELOPERS.md has the recipe).
+    # The default's denoiser: crafter-cpu-scroll with a convex copy whose gate is taught where
+    # the copy is exact (TrainConfig.gate_loss), so the world in view is copied exactly instead
+    # of half redrawn every frame. Warm-started from crafter-cpu-scroll (DEVELOPERS.md).
+    "crafter-cpu-gated": _CRAFTER_GATED,
+    # The default (model/bundles/crafter-cpu): crafter-cpu-gated's weights, its copy decided
+    # at sampling time (exact_copy_above) and an edge fill (model.edge_fill) that draws the
+    # tiles entering the view, trained after the denoiser (`dfserve train --edge-fill`).
     "crafter-cpu": dataclasses.replace(
-        _CRAFTER_SCROLL, name="crafter-cpu",
-        network=dataclasses.replace(_CRAFTER_SCROLL.network, convex_copy=True),
+        _CRAFTER_GATED, name="crafter-cpu",
+        network=dataclasses.replace(_CRAFTER_GATED.network, edge_fill_codes=512,
+                                    exact_copy_above=0.5),
     ),
     # The default of the previous rounds, for the record (its card is in the git history of
     # model/bundles/crafter-cpu): 64 tokens per frame, an 8-frame window (4 context + a chunk
@@ -396,7 +416,7 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(batch_size=4, lr=3e-3, warmup_steps=2, ema_decay=0.9, log_every=1,
                         ckpt_every=2),  # fmt: skip
     "crafter-cpu-scroll": _CRAFTER_SCROLL_TRAIN,
-    "crafter-cpu": dataclasses.replace(_CRAFTER_SCROLL_TRAIN, gate_loss=0.1),
+    "crafter-cpu-gated": dataclasses.replace(_CRAFTER_SCROLL_TRAIN, gate_loss=0.1),
     "crafter-cpu-v1": TrainConfig(batch_size=8, lr=2e-3, warmup_steps=100, ema_decay=0.995),
     "crafter-tiles": _CRAFTER_TILES_TRAIN,
     "crafter-tiles-no-shifts": _CRAFTER_TILES_TRAIN,

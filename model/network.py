@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfserve.model.config import NetworkConfig
+from dfserve.model.edge_fill import EdgeFill
 from dfserve.model.scroll import COPY_SHIFTS, ScrollHead, scroll_view, shift_frames
 
 Rotation = tuple[Tensor, Tensor]  # RoPE cos, sin: (B, L, 1, d/2)
@@ -215,6 +216,12 @@ class CausalVideoDiT(nn.Module):
         if cfg.scroll_rows:  # the scrolled copy starts open (module docstring of model.scroll)
             nn.init.constant_(self.final.bias[P * P * C :], COPY_OPEN_LOGIT)
         self.final_ada = nn.Sequential(nn.SiLU(), final_ada)
+        self.edge_fill = None  # used by the rollout engine when a frame finishes
+        if cfg.edge_fill_codes:
+            if not cfg.scroll_rows:
+                raise ValueError("network: edge_fill_codes needs scroll_rows (a scrolling view)")
+            self.edge_fill = EdgeFill(P, C, cfg.scroll_rows, cfg.resolution // P,
+                                      cfg.edge_fill_codes)  # fmt: skip
 
     @property
     def null_action(self) -> int:
@@ -353,6 +360,8 @@ class CausalVideoDiT(nn.Module):
                 gates_out += [gates[:, 0], copies[0]]
             gate = torch.sigmoid(gates[:, 0])
             if self.cfg.convex_copy:
+                if self.cfg.exact_copy_above and not torch.is_grad_enabled():
+                    gate = torch.where(gate > self.cfg.exact_copy_above, 1.0, gate)
                 return torch.lerp(residual, copies[0], gate)
             return residual + gate * copies[0]
         if self.copy_prior is not None:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from dfserve.model.bundle import Bundle
 from dfserve.model.config import SamplingConfig
+from dfserve.model.edge_fill import EdgeFill
 from dfserve.model.frame_stack import (
     check_context_frames,
     frame_stack,
@@ -448,9 +449,22 @@ class RolloutEngine:
         st.rows_done += 1
         for t in range(h):
             if st.chunk_clean[t] is None and int(to_levels[t]) < 0:
+                st.chunk_x[t] = self._fill_edges(st, t)
                 st.chunk_clean[t] = st.chunk_x[t]
                 st.chunk_inputs[t] = self._context_input(st.chunk_x[t], s, st.generator)
         return self._emit(st)
+
+    def _fill_edges(self, st: RolloutState, t: int) -> Tensor:
+        """Chunk frame t as it finishes: with an edge fill (model.edge_fill), the tiles that
+        entered the scrolled view are drawn, not the denoiser's average. Frames finish in
+        order, so the frame before it is already clean."""
+        assert st.chunk_x is not None
+        fill: EdgeFill | None = getattr(self.net, "edge_fill", None)  # the DiT's only
+        if fill is None:
+            return st.chunk_x[t]
+        previous = st.clean[-1] if t == 0 else st.chunk_clean[t - 1]
+        assert previous is not None, "the frame before a finishing frame is clean"
+        return fill.fill(previous, st.chunk_x[t], st.generator)
 
     def _emit(self, st: RolloutState) -> list[tuple[int, Tensor]]:
         """The next single frames, in order, as far as their network frames are clean."""

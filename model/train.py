@@ -472,13 +472,20 @@ class Trainer:
 
         bundle = load_bundle(bundle_dir)
         # convex_copy changes how the output is formed, not the weights: a warm start may
-        # switch it on from a bundle trained without it
-        theirs = replace(bundle.config.network, convex_copy=self.config.network.convex_copy)
-        if theirs != self.config.network:
+        # switch it on from a bundle trained without it. The denoiser of a bundle with an edge
+        # fill (the shipped default) is a denoiser like any other: the edge fill, trained on
+        # its own (model.train_edge_fill), and the sampling-time copy decision are left out.
+        ours = self.config.network
+        theirs = replace(bundle.config.network, convex_copy=ours.convex_copy,
+                         edge_fill_codes=ours.edge_fill_codes,
+                         exact_copy_above=ours.exact_copy_above)  # fmt: skip
+        if theirs != ours:
             raise ValueError(f"--init {bundle_dir}: its network config differs from "
                              f"{self.config.name}'s; warm starts need the same architecture")
-        self.net.load_state_dict(bundle.network.state_dict())
-        self.ema.load_state_dict(bundle.network.state_dict())
+        state = {k: v for k, v in bundle.network.state_dict().items()
+                 if not k.startswith("edge_fill.")}  # fmt: skip
+        self.net.load_state_dict(state)
+        self.ema.load_state_dict(state)
 
     @torch.no_grad()
     def count_copy_prior(self) -> None:
@@ -517,6 +524,14 @@ class Trainer:
 
 def train_from_cli(args: argparse.Namespace) -> int:
     bundle_config = preset(args.config)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if getattr(args, "edge_fill", False):
+        return _train_edge_fill_from_cli(bundle_config, args)
+    if bundle_config.network.edge_fill_codes:
+        raise ValueError(f"--config {args.config}: its edge fill is trained after its denoiser, "
+                         "on its own: train the denoiser (crafter-cpu-gated for crafter-cpu), "
+                         f"then --config {args.config} --edge-fill --init THAT_BUNDLE")
     train = train_preset(args.config) if args.config in _train_presets() else TrainConfig()
     train = replace(train, objective=args.objective)
     if args.batch_size:
@@ -529,8 +544,6 @@ def train_from_cli(args: argparse.Namespace) -> int:
         train = replace(train, clean_history=args.clean_history)
     if getattr(args, "min_lr_ratio", None) is not None:
         train = replace(train, min_lr_ratio=args.min_lr_ratio)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     if args.minutes is None and args.steps is None:
         raise ValueError("give a budget: --minutes and/or --steps")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -541,6 +554,20 @@ def train_from_cli(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"bundle written to {result['bundle']} after {result['steps']} steps "  # noqa: T201
           f"({result['elapsed_s'] / 60:.1f} min, {result['samples']} samples)")  # fmt: skip
+    return 0
+
+
+def _train_edge_fill_from_cli(config: BundleConfig, args: argparse.Namespace) -> int:
+    from dfserve.model.train_edge_fill import train_edge_fill
+
+    if args.init is None:
+        raise ValueError("--edge-fill: give the trained denoiser to add it to with --init")
+    if args.minutes is None:
+        raise ValueError("--edge-fill: give its budget with --minutes")
+    summary = train_edge_fill(config, args.init, args.data, args.out, args.heldout,
+                              args.minutes, args.steps, seed=args.seed or 0)  # fmt: skip
+    print(f"bundle written to {args.out}: an edge fill of {summary['codes']} codes after "  # noqa: T201
+          f"{summary['steps']} steps; held-out {summary.get('heldout')}")  # fmt: skip
     return 0
 
 

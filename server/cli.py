@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dataset)
 
     p = sub.add_parser("train", help="train a world model (resumable)")
-    p.add_argument("--config", default="crafter-cpu", help="a preset name")
+    p.add_argument("--config", default="crafter-cpu-gated",
+                   help="a preset name (default: the default model's denoiser)")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--heldout", type=Path, help="held-out data for examples")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     p.add_argument("--seed", type=int, help="weight init, data order and noise (default 0)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a busy box)")
+    p.add_argument("--edge-fill", action="store_true",
+                   help="train only the edge fill of --config (model/edge_fill.py) onto the "
+                        "--init bundle's denoiser, which stays as it is")  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="world-model metrics against the environment")
