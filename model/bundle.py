@@ -186,6 +186,17 @@ def save_bundle(
     return bundle_dir
 
 
+def with_card_block(card: str, start: str, end: str, body: str, heading: str) -> str:
+    """The model card with the block between the markers `start` and `end` replaced by body,
+    or, without the markers, appended under `heading`: a generated section that a rerun
+    rewrites while the hand-written rest of the card stays."""
+    block = f"{start}\n{body}\n{end}"
+    if start in card and end in card:
+        head, rest = card.split(start, 1)
+        return head + block + rest.split(end, 1)[1]
+    return card + f"\n## {heading}\n\n{block}\n"
+
+
 def save_example(
     bundle_dir: str | Path,
     name: str,

@@ -39,7 +39,7 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
-from dfserve.model.bundle import Bundle, load_bundle, resolve_bundle
+from dfserve.model.bundle import Bundle, load_bundle, resolve_bundle, with_card_block
 from dfserve.model.config import SamplingConfig
 from dfserve.model.data.shards import NO_ACTION, Episode, load_episodes, load_meta
 from dfserve.model.errors import FieldError
@@ -681,13 +681,8 @@ def update_card(bundle_dir: Path, result: dict[str, Any], grid: Path) -> None:
     """Replace the card's evaluation block and copy the grid picture into the bundle."""
     card_path = bundle_dir / "README.md"
     card = card_path.read_text() if card_path.is_file() else f"# {result['model']}\n"
-    block = f"{EVAL_START}\n{card_section(result)}\n{EVAL_END}"
-    if EVAL_START in card and EVAL_END in card:
-        head, rest = card.split(EVAL_START, 1)
-        card = head + block + rest.split(EVAL_END, 1)[1]
-    else:
-        card += f"\n## Evaluation\n\n{block}\n"
-    card_path.write_text(card)
+    card_path.write_text(with_card_block(card, EVAL_START, EVAL_END, card_section(result),
+                                         "Evaluation"))  # fmt: skip
     shutil.copyfile(grid, bundle_dir / "eval_grid.png")
     moves = grid.with_name("moves.png")
     if moves.is_file():

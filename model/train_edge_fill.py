@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dfserve.model.bundle import build_network, load_bundle, save_bundle
+from dfserve.model.bundle import build_network, load_bundle, save_bundle, with_card_block
 from dfserve.model.config import BundleConfig
 from dfserve.model.data.shards import Episode, load_episodes
 from dfserve.model.edge_fill import (
@@ -83,6 +83,24 @@ def heldout_report(fill: EdgeFill, tiles: Tensor, labels: Tensor, frequencies: T
     unigram = float(-frequencies[edge_labels].log().mean())
     return {"cross_entropy": float(sum(losses)) / count, "accuracy": hits / count,
             "frequencies_cross_entropy": unigram}  # fmt: skip
+
+
+EDGE_FILL_START, EDGE_FILL_END = "<!-- edge-fill:start -->", "<!-- edge-fill:end -->"
+
+
+def card_section(summary: dict[str, Any]) -> str:
+    """The model card's lines on the edge fill, from a run's summary."""
+    lines = [f"Edge fill (`model/edge_fill.py`): the tiles entering a scrolled view are drawn "
+             f"from a codebook of {summary['codes']} of the data's tiles; its head trained "
+             f"{summary['total_steps']} steps in all (this run: {summary['steps']} steps of "
+             f"{summary['batch']} frames, {summary['elapsed_s'] / 60:.1f} min, on "
+             f"{summary['train_frames']} frames of {summary['data']})."]  # fmt: skip
+    if "heldout" in summary:
+        h = summary["heldout"]
+        lines.append(f"On held-out frames it names the entering tile's code in "
+                     f"{h['accuracy']:.1%} of cases, {h['bits_saved_per_tile']:.1f} bits a tile "
+                     f"better than the codes' frequencies.")  # fmt: skip
+    return "\n\n".join(lines)
 
 
 def _previous_run(bundle_dir: Path) -> dict[str, Any]:
@@ -159,6 +177,8 @@ def train_edge_fill(config: BundleConfig, init: Path, data: Path, out: Path,
     if out.resolve() != Path(init).resolve():
         shutil.copytree(init, out, dirs_exist_ok=True)
     card = (Path(init) / "README.md").read_text() if (Path(init) / "README.md").is_file() else ""
+    card = with_card_block(card, EDGE_FILL_START, EDGE_FILL_END, card_section(summary),
+                           "Edge fill")  # fmt: skip
     save_bundle(out, config, network.eval(), card)
     (out / "edge_fill.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -193,6 +193,8 @@ def test_edge_fill_training_keeps_the_denoiser_and_learns_the_edges(denoiser_dir
     assert again["warm_start"] == {"from": str(out), "steps": 60} and again["total_steps"] == 65
     torch.testing.assert_close(load_bundle(tmp_path / "again").network.edge_fill.head.codebook,
                                filled.network.edge_fill.head.codebook)  # fmt: skip
+    card = (tmp_path / "again" / "README.md").read_text()  # the block rewritten, not repeated
+    assert card.count("## Edge fill") == 1 and "65 steps in all" in card
 
 
 def test_edge_fill_training_refuses_another_denoiser(tiny_bundle_dir, edge_data, tmp_path):
