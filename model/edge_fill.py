@@ -12,10 +12,10 @@ from the rest of the view by a small transformer (`EdgeFillHead`), trained by cr
 on the data's own entering tiles. Water continues water, a forest continues, stone gets ore.
 
 Which slots entered is read from the frame itself: the whole-tile shift that maps the
-previous frame's view onto it (`model.scroll.scroll_labels`' rule, the one the evaluation's
-best_tile_shift uses). A still view has no entering slot and is left as the denoiser drew it.
-The draw takes the rollout's generator, so a seed still fixes the rollout, and the filled
-frame is the finished frame: its history input, its cache entry and what is handed out.
+previous frame's view onto it (`model.scroll.scroll_labels`, the data's scrolls). A still
+view has no entering slot and is left as the denoiser drew it. The draw takes the rollout's
+generator, so a seed still fixes the rollout, and the filled frame is the finished frame: its
+history input, its cache entry and what is handed out.
 
 Dimensions: V the view's tiles (rows x columns), P patch (= tile) size, C channels, K codes,
 D the head's width.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dfserve.model.scroll import COPY_SHIFTS, overlap_mse
+from dfserve.model.scroll import COPY_SHIFTS, scroll_labels
 
 
 def view_tiles(frames: Tensor, patch: int, rows: int) -> Tensor:
@@ -53,11 +53,8 @@ def paste_tiles(frames: Tensor, tiles: Tensor, patch: int, rows: int) -> Tensor:
 
 def frame_scroll(previous: Tensor, frame: Tensor, patch: int, rows: int) -> int:
     """The index in COPY_SHIFTS of the whole-tile shift that best maps previous's view onto
-    frame's; a shift must beat "as it was" strictly (a still or uniform view: 0)."""
-    before, after = previous[..., : rows * patch, :], frame[..., : rows * patch, :]
-    errors = [float(overlap_mse(before, after, dy * patch, dx * patch)) for dy, dx in COPY_SHIFTS]
-    best = min(range(len(errors)), key=errors.__getitem__)
-    return best if errors[best] < errors[0] - 1e-12 else 0
+    frame's, by the rule the scroll head's labels follow (a still or uniform view: 0)."""
+    return int(scroll_labels(torch.stack([previous, frame])[None], patch, rows)[0, 1])
 
 
 def entering_slots(scroll: int, rows: int, columns: int) -> Tensor:
