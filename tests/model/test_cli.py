@@ -6,17 +6,20 @@ import io
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import av
 import fakeredis
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from dfserve.model.config import SamplingConfig, sampling_types
 from dfserve.server.app import create_app
-from dfserve.server.cli import build_parser
+from dfserve.server.cli import build_parser, main
 from dfserve.server.queue import Queue
 from dfserve.server.rollout_cli import sampling_overrides
 from dfserve.server.settings import Settings
@@ -106,23 +109,60 @@ USER_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(("args", "named"), USER_ERRORS,
-                         ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(USER_ERRORS)])
-def test_every_user_error_is_one_line_and_exit_code_2(args, named, tiny_bundle_dir, tmp_path,
-                                                      monkeypatch):
+def _concrete(args: list[str], tiny_bundle_dir: Path, tmp_path: Path) -> list[str]:
     junk = tmp_path / "junk.png"
     junk.write_text("not an image")
     (tmp_path / "no").write_text("a file where a folder should be")
-    subst = {"{tiny}": str(tiny_bundle_dir), "{junk}": str(junk), "{tmp}": str(tmp_path)}
-    args = [subst.get(a, a).replace("{tmp}", str(tmp_path)) for a in args]
-    monkeypatch.delenv("DFSERVE_REDIS_URL", raising=False)
-    r = subprocess.run([sys.executable, "-m", "dfserve.server.cli", *args], capture_output=True,
-                       text=True, timeout=300, cwd=tmp_path)  # fmt: skip
-    errors = [line for line in r.stderr.splitlines() if " error: " in line]
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr and len(errors) == 1, r.stderr
+    subst = {"{tiny}": str(tiny_bundle_dir), "{junk}": str(junk)}
+    return [subst.get(a, a).replace("{tmp}", str(tmp_path)) for a in args]
+
+
+def _assert_one_error_line(code: int | str | None, stderr: str, named: str) -> None:
+    errors = [line for line in stderr.splitlines() if " error: " in line]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr and len(errors) == 1, stderr
     assert errors[0].startswith("dfserve") and named in errors[0], errors[0]
-    assert r.stderr.splitlines()[-1] == errors[0]  # the error is the last word, not buried
+    assert stderr.splitlines()[-1] == errors[0]  # the error is the last word, not buried
+
+
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    """`--threads` of a command run in-process must not outlive it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("args", "named"), USER_ERRORS,
+                         ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(USER_ERRORS)])
+def test_every_user_error_is_one_line_and_exit_code_2(args, named, tiny_bundle_dir, tmp_path,
+                                                      monkeypatch, capsys, restore_threads):
+    """`main()` in this process (one interpreter start per case cost a minute of the suite);
+    the test below runs the cases that log before they fail as real processes."""
+    args = _concrete(args, tiny_bundle_dir, tmp_path)
+    monkeypatch.delenv("DFSERVE_REDIS_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    try:
+        code: int | str | None = main(args)
+    except SystemExit as e:  # argparse's refusals
+        code = e.code
+    _assert_one_error_line(code, capsys.readouterr().err, named)
+
+
+# Real processes, with the CLI's own logging: the cases that load a model (and log it) on their
+# way to the error must still end with the one error line.
+LOGGING_USER_ERRORS = [case for case in USER_ERRORS if "{tiny}" in case[0]]
+
+
+@pytest.mark.parametrize(("args", "named"), LOGGING_USER_ERRORS,
+                         ids=[" ".join(a[:2]) for a, _ in LOGGING_USER_ERRORS])
+def test_a_user_error_is_the_last_line_of_a_real_process(args, named, tiny_bundle_dir, tmp_path,
+                                                          monkeypatch):
+    monkeypatch.delenv("DFSERVE_REDIS_URL", raising=False)
+    r = subprocess.run([sys.executable, "-m", "dfserve.server.cli",
+                        *_concrete(args, tiny_bundle_dir, tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    _assert_one_error_line(r.returncode, r.stderr, named)
 
 
 def test_a_closed_pipe_is_one_error_line_not_a_traceback(tiny_bundle_dir):
