@@ -261,6 +261,12 @@ class RolloutEngine:
         state.request = replace(state.request, actions=state.request.actions + tuple(actions))
         state.frame_actions.extend(actions)
 
+    @staticmethod
+    def between_chunks(state: RolloutState) -> bool:
+        """Whether the rollout's next step starts a chunk (or it has no chunk yet): rollouts
+        that start their chunks together need forwards of the same sizes all chunk long."""
+        return state.matrix is None or state.row >= state.matrix.shape[0] - 1
+
     def rollout(self, request: RolloutRequest) -> Iterator[tuple[int, Tensor]]:
         """Generate frames one rollout at a time, yielding (index, frame) as each is clean."""
         state = self.start(request)

@@ -544,6 +544,8 @@ def train_from_cli(args: argparse.Namespace) -> int:
         train = replace(train, clean_history=args.clean_history)
     if getattr(args, "min_lr_ratio", None) is not None:
         train = replace(train, min_lr_ratio=args.min_lr_ratio)
+    if getattr(args, "gate_loss", None) is not None:
+        train = replace(train, gate_loss=args.gate_loss)
     if args.minutes is None and args.steps is None:
         raise ValueError("give a budget: --minutes and/or --steps")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--clean-history", type=float,
                    help="P(a window's history is nearly clean) (default: the preset's)")
+    p.add_argument("--gate-loss", type=float,
+                   help="weight of the copy gate's cross-entropy (default: the preset's)")
     p.add_argument("--min-lr-ratio", type=float,
                    help="cosine floor of the lr when --steps is set (1 = constant lr)")
     p.add_argument("--init", type=Path,

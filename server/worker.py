@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 IDLE_BLOCK_MS = 500  # how long an idle worker waits for a job (and so how fast it stops)
 REDIS_BACKOFF_S = (0.1, 5.0)  # first and longest wait between retries while Redis is down
 SESSION_POLL_MS = 20  # how long a worker with only waiting sessions waits for their actions
+# New jobs join the batch between chunks (Worker.may_admit), but never wait more rows than this
+# for every live rollout to reach one (a long schedule would keep them out).
+ADMIT_WAIT_ROWS = 16
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Worker:
         self.live: list[Live] = []
         self.warmed_up = False
         self._next_renew = 0.0
+        self._rows_waited = 0  # rows stepped since new jobs were last let in
         # Renew well inside the lease and the heartbeat well inside its TTL.
         self._renew_every = min(settings.lease_ms / 1000 / 3, settings.heartbeat_ttl_s / 3)
 
@@ -121,7 +125,7 @@ class Worker:
     def tick(self) -> None:
         self.publisher.raise_error()  # the publishing thread lost Redis: handle it here
         free = self.batch_limit - len(self.live)
-        if free > 0:
+        if free > 0 and self.may_admit():
             claimed = self.queue.claim(self.name, free, 0 if self.live else IDLE_BLOCK_MS)
             self.live += [live for job in claimed if (live := self.admit(job))]
         if any(live.session for live in self.live):
@@ -133,6 +137,21 @@ class Worker:
             self.renew()
 
     # ------------------------------------------------------------------------- the parts
+
+    def may_admit(self) -> bool:
+        """Whether to claim new jobs this tick: when every stepping rollout is between chunks,
+        or after ADMIT_WAIT_ROWS rows. Rollouts in different phases of their chunks need
+        forwards of different sizes, which run apart (RolloutEngine._run_forwards): 8 rollouts
+        started one row apart made 20% fewer frames/s than 8 started together (the 72-px
+        crafter-cpu, one thread). A job waits in the stream meanwhile, at most a chunk."""
+        stepping = [live.state for live in self.live
+                    if live.state is not None and not live.state.done]  # fmt: skip
+        if self._rows_waited >= ADMIT_WAIT_ROWS or all(map(self.engine.between_chunks,
+                                                           stepping)):
+            self._rows_waited = 0
+            return True
+        self._rows_waited += 1
+        return False
 
     def admit(self, job: ClaimedJob) -> Live | None:
         """Start the job: its JobSpec, as the API stored it, becomes a live rollout."""

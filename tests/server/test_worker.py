@@ -18,7 +18,7 @@ from dfserve.model.rollout import RolloutEngine
 from dfserve.server import video
 from dfserve.server.queue import JobStatus, Queue
 from dfserve.server.settings import Settings
-from dfserve.server.worker import Worker
+from dfserve.server.worker import ADMIT_WAIT_ROWS, Worker
 from tests.server.specs import rollout_params as params  # as the API stores them
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -67,8 +67,10 @@ def test_continuous_batching_gives_the_frames_of_solo_runs(server: Any, tiny_bun
         w.tick()
     assert [live.job.id for live in w.live] == [a.id]
     b = q.submit(pb, 7)
-    w.tick()  # b joins the running batch between rows
-    assert [live.job.id for live in w.live] == [a.id, b.id]
+    while len(w.live) < 2:  # b joins the running batch when a's chunk is done
+        a_between_chunks = RolloutEngine.between_chunks(w.live[0].state)
+        w.tick()
+    assert a_between_chunks and [live.job.id for live in w.live] == [a.id, b.id]
     assert w.live[0].state.rows_done > w.live[1].state.rows_done
     drain(w)
     for job, p in ((a, pa), (b, pb)):
@@ -78,6 +80,25 @@ def test_continuous_batching_gives_the_frames_of_solo_runs(server: Any, tiny_bun
         # Batched float math may round a rare pixel differently: allow 1 level of 255.
         diff = np.abs(published(q, job.id).astype(int) - solo(tiny_bundle, p).astype(int))
         assert diff.max() <= 1
+
+
+def test_a_long_chunk_keeps_new_jobs_out_for_a_bounded_number_of_rows(
+        server: Any, tiny_bundle: Bundle) -> None:  # fmt: skip
+    """New jobs wait for the batch's chunks to end (one phase, forwards of one size), but a
+    rollout whose chunk takes 60 rows lets them in after ADMIT_WAIT_ROWS."""
+    w = make_worker(server, tiny_bundle)
+    q = w.queue
+    slow = params(tiny_bundle, 4, seed=1)
+    slow["sampling"] = {**slow["sampling"], "steps": 60}
+    q.submit(slow, 4)
+    w.tick()
+    assert len(w.live) == 1 and not RolloutEngine.between_chunks(w.live[0].state)
+    q.submit(params(tiny_bundle, 3, seed=2), 3)
+    for _ in range(ADMIT_WAIT_ROWS):
+        w.tick()
+    assert len(w.live) == 1
+    w.tick()
+    assert len(w.live) == 2 and not RolloutEngine.between_chunks(w.live[0].state)
 
 
 def test_a_failing_job_fails_alone(server: Any, tiny_bundle: Bundle) -> None:
