@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -61,4 +60,4 @@ def test_a_rollout_continues_the_scene_of_each_example(engine: RolloutEngine) ->
         assert frames.shape == (4, 3, size, size) and torch.isfinite(frames).all()
         last = req.context[-1]
         mse = float((((frames[0] - last) / 2) ** 2).mean())
-        assert 10 * math.log10(1 / mse) > 15, example.name
+        assert mse < 10 ** (-15 / 10), example.name  # PSNR above 15 dB (a copied scene: inf)
