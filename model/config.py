@@ -96,7 +96,7 @@ class NetworkConfig:
     # stone faded into grass within 10-20 frames; decided at 0.5 the world detail after 240
     # random moves went from 17% to 47% of the real frames' (its card, row 16). The gate is
     # underconfident on whatever is not grass (trees, water, stone, drawn edge tiles), so the
-    # default decides at 0.08: 84-86% on one seed, 71% on another (its card, rows 19-20 and the
+    # default decides at 0.08: 84-86% on one seed, 71% on another (its card, row 19 and the
     # threshold sweep). 0: as trained.
     exact_copy_above: float = 0.0
 

@@ -301,7 +301,7 @@ class RolloutEngine:
               ) -> list[list[tuple[int, Tensor]]]:
         out: dict[int, list[tuple[int, Tensor]]] = {id(st): [] for st in states}
         for st in live:
-            if st.matrix is None or st.row >= st.matrix.shape[0] - 1:
+            if self.between_chunks(st):
                 # An extended rollout may already hold its next frames: the unseen rest of a
                 # stacked frame (frame_stack > 1). They need no forward, and maybe no chunk.
                 out[id(st)] = self._emit(st)
