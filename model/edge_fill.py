@@ -139,8 +139,8 @@ class EdgeFill(nn.Module):
             return frame
         hidden = entering_slots(scroll, self.rows, self.columns).to(frame.device)
         tiles = view_tiles(frame, self.patch, self.rows)
-        with torch.no_grad():
-            logits = self.head(tiles[None], hidden[None])[0, hidden]
+        with torch.no_grad():  # the frame is the sampler's float32, the head the net's dtype
+            logits = self.head(tiles[None].to(self.head.codebook.dtype), hidden[None])[0, hidden]
         probs = logits.double().softmax(-1)
         drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]
         tiles = tiles.clone()

@@ -3,6 +3,7 @@ in the engine: only entering slots change, a seed fixes the draws, the cache sta
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -155,6 +156,16 @@ def test_rollouts_draw_edges_per_seed_and_the_cache_stays_exact(fill_bundles, mo
     assert torch.equal(frames, run(filled, request, True))  # a seed fixes the draws
     assert not torch.equal(frames, run(filled, dataclasses.replace(request, seed=1), True))
     assert not torch.equal(frames, run(plain, request, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_reduced_precision_bundle_fills_edges_too(fill_bundles, dtype):
+    """bf16/fp16 weights (a GPU's default): the head takes the float32 frames the sampler
+    keeps, and the frames stay float32 and finite."""
+    _, filled = fill_bundles
+    half = dataclasses.replace(filled, network=copy.deepcopy(filled.network).to(dtype))
+    frames = run(half, make_request(half, frames=6), True)
+    assert frames.dtype == torch.float32 and torch.isfinite(frames).all()
 
 
 # --- training (model.train_edge_fill) on the synthetic data of test_train ------------------
